@@ -1,0 +1,343 @@
+"""The cascade's configuration: one YAML file, validated at load.
+
+Every section is a frozen dataclass whose field docstrings (the `# ` comment above each field)
+are the reference for operators. `build_dataclass` turns a YAML mapping into one of them and
+raises `ConfigError` naming the file, the dotted key and what was expected, for unknown keys,
+missing keys and wrong types alike. The shell's own section (`miner:`) is validated by the same
+function in `natix_miner.settings`; each layer receives only its slice.
+
+Relative paths in a config are resolved against the directory that holds the config file.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from cascade.errors import ConfigError
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
+               "fp8": 1, "int8": 1, "int4": 0.5, "nvfp4": 0.5, "awq": 0.5, "gptq": 0.5}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(source, key, _type_name(tp), value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, key, f"a mapping of {tp.__name__} fields", value)
+        return build_dataclass(tp, value, source=source, prefix=key)
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(source, key, f"a list ({_type_name(tp)})", value)
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        items = [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin in (dict, typing.Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, key, f"a mapping ({_type_name(tp)})", value)
+        args = typing.get_args(tp)
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(val_tp, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, "a number", value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, "an integer", value)
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, "true or false", value)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "a string", value)
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(source, key, "a path string", value)
+        return Path(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(source, key, _type_name(tp), value)
+    return value
+
+
+def build_dataclass(cls: type, data: Optional[Mapping[str, Any]], *, source: str, prefix: str) -> Any:
+    """Build dataclass `cls` from a YAML mapping, naming `source` and `prefix.key` on any error."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, prefix or "<root>", f"a mapping of {cls.__name__} fields", data)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(source, where, f"one of {sorted(fields)} (unknown key)")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], source, key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(source, key, f"a value ({_type_name(hints[name])}); it is required")
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(source, prefix or "<root>", str(exc)) from exc
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(source, prefix)
+    return obj
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One model tier, in cost order within `tiers:`."""
+
+    # Unique name, `family_variant.weights_tag` (e.g. `effnet_lite0.roadwork_head`).
+    name: str
+    # Registered backend family (see `models.registry`); an unknown name lists the known ones.
+    backend: str
+    # Hugging Face id or local path of the weights (relative paths: against the config file).
+    checkpoint: Optional[str] = None
+    # "cpu", "cuda", "cuda:0", "cuda:1"; placement may refine "cuda" to a concrete device.
+    device: str = "cpu"
+    # Weight dtype used for placement and loading: float32, float16, bfloat16, fp8, int8, int4.
+    dtype: str = "float32"
+    # Largest micro-batch the engine gives this tier.
+    max_batch_size: int = 8
+    # How long the batcher may hold a request to fill a batch (0 = dispatch at once).
+    max_wait_ms: float = 0.0
+    # Declared parameter count in millions (placement: params x dtype bytes).
+    params_m: float = 0.0
+    # Declared activation / KV-cache reserve in MiB for `max_batch_size` images.
+    reserve_mib: float = 0.0
+    # Prior consensus weight (fitted weights from calibration replace it).
+    weight: float = 1.0
+    # Expected latency of one batch in ms, used by the router before measurements exist.
+    expected_latency_ms: float = 100.0
+    # Per-call timeout in ms; a slower call is dropped from the answer and counted as a failure.
+    timeout_ms: Optional[float] = None
+    # Whether the tier runs in the cascade (false keeps it in the file for eval only).
+    enabled: bool = True
+    # Backend-specific options, validated by the backend's own Options dataclass.
+    options: dict[str, Any] = field(default_factory=dict)
+    # Set by the loader: the file this spec came from and the directory paths resolve against.
+    source: str = "<memory>"
+    base_dir: str = "."
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(source, f"{prefix}.dtype", f"one of {sorted(DTYPE_BYTES)}", self.dtype)
+        if self.max_batch_size < 1:
+            raise ConfigError(source, f"{prefix}.max_batch_size", "an integer >= 1", self.max_batch_size)
+        for name in ("max_wait_ms", "params_m", "reserve_mib", "weight", "expected_latency_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(source, f"{prefix}.{name}", "a number >= 0", getattr(self, name))
+
+    def resolve(self, path: Optional[str]) -> Optional[Path]:
+        """A path from this tier's config, made absolute against the config's directory."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    def checkpoint_path(self) -> Optional[str]:
+        """The checkpoint as a local path if one exists there, else the hub id unchanged."""
+        if self.checkpoint is None:
+            return None
+        local = self.resolve(self.checkpoint)
+        if local is not None and local.exists():
+            return str(local)
+        return self.checkpoint
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with an error that names the file."""
+    path = Path(path)
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "<file>", "an existing YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "<file>", f"valid YAML ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "<root>", "a mapping at the top level", type(data).__name__)
+    return data
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """When to stop the cascade early."""
+
+    # Decision threshold on the fused, calibrated probability (before the final threshold map).
+    threshold: float = 0.5
+    # Stop after a tier when |p - threshold| >= margin.
+    margin: float = 0.35
+    # Per image condition margins (day, night, low_contrast, blur) overriding `margin`.
+    condition_margins: dict[str, float] = field(default_factory=dict)
+    # Minimum number of tiers that must answer before the router may stop.
+    min_tiers: int = 1
+
+    def validate(self, source: str, prefix: str) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(source, f"{prefix}.threshold", "a number in (0, 1)", self.threshold)
+        for key, m in {"margin": self.margin, **{f"condition_margins.{k}": v
+                                                  for k, v in self.condition_margins.items()}}.items():
+            if not 0.0 <= m <= 0.5:
+                raise ConfigError(source, f"{prefix}.{key}", "a number in [0, 0.5]", m)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """Circuit breaker around each tier."""
+
+    # Consecutive failures that take a tier out of rotation.
+    failures_to_open: int = 3
+    # Seconds out of rotation before one probe request is let through.
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Bounded on-disk store of uncertain inputs for later labelling."""
+
+    # Enable the store.
+    enabled: bool = False
+    # Directory (SQLite index + image files); relative to the config file.
+    dir: str = "../runs/uncertain"
+    # Keep at most this many items (oldest evicted).
+    max_items: int = 2000
+    # Save when |p - 0.5| < band.
+    band: float = 0.1
+    # Save when max - min of tier probabilities exceeds this.
+    disagreement: float = 0.6
+    # Longest side of the saved image.
+    max_side: int = 512
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling, deadline and failure handling."""
+
+    # Every request is answered within this many ms of arrival (validators wait 9000 ms).
+    deadline_ms: float = 6000.0
+    # Answer when no tier could answer in time (never -1, never NaN).
+    fallback_probability: float = 0.5
+    # Path of the calibration file written by `natix-miner calibrate` (relative to the config).
+    calibration: Optional[str] = None
+    # Worker threads per device.
+    threads_per_device: int = 1
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def validate(self, source: str, prefix: str) -> None:
+        if not 0.0 <= self.fallback_probability <= 1.0:
+            raise ConfigError(source, f"{prefix}.fallback_probability", "a number in [0, 1]",
+                              self.fallback_probability)
+        if self.deadline_ms <= 0:
+            raise ConfigError(source, f"{prefix}.deadline_ms", "a number > 0", self.deadline_ms)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Memory available on one device, for placement."""
+
+    # Usable memory in GiB (leave headroom for the CUDA context yourself).
+    memory_gib: float
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The engine's slice of the root config."""
+
+    engine: EngineConfig
+    router: RouterConfig
+    tiers: list[TierSpec]
+    devices: dict[str, DeviceSpec]
+    source: str = "<memory>"
+    base_dir: str = "."
+
+    def resolve(self, path: Optional[str]) -> Optional[Path]:
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def active_tiers(self) -> list[TierSpec]:
+        return [t for t in self.tiers if t.enabled]
+
+
+CASCADE_KEYS = ("engine", "router", "tiers", "devices")
+
+
+def parse_cascade_config(data: Mapping[str, Any], *, source: str, base_dir: str) -> CascadeConfig:
+    """Validate the cascade slice (`engine`, `router`, `tiers`, `devices`) of a root config."""
+    engine = build_dataclass(EngineConfig, data.get("engine"), source=source, prefix="engine")
+    router = build_dataclass(RouterConfig, data.get("router"), source=source, prefix="router")
+    raw_tiers = data.get("tiers")
+    if not isinstance(raw_tiers, list) or not raw_tiers:
+        raise ConfigError(source, "tiers", "a non-empty list of tier mappings", raw_tiers)
+    tiers: list[TierSpec] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_tiers):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(source, f"tiers[{i}]", "a mapping", raw)
+        if "source" in raw or "base_dir" in raw:
+            raise ConfigError(source, f"tiers[{i}]", "no 'source'/'base_dir' keys (set by the loader)")
+        spec = build_dataclass(TierSpec, {**raw, "source": source, "base_dir": base_dir},
+                               source=source, prefix=f"tiers[{i}]")
+        if spec.name in seen:
+            raise ConfigError(source, f"tiers[{i}].name", "a name used by no other tier", spec.name)
+        seen.add(spec.name)
+        tiers.append(spec)
+    raw_devices = data.get("devices") or {"cpu": {"memory_gib": 16.0}}
+    if not isinstance(raw_devices, Mapping):
+        raise ConfigError(source, "devices", "a mapping of device name to {memory_gib}", raw_devices)
+    devices = {str(k): build_dataclass(DeviceSpec, v, source=source, prefix=f"devices.{k}")
+               for k, v in raw_devices.items()}
+    return CascadeConfig(engine=engine, router=router, tiers=tiers, devices=devices,
+                         source=source, base_dir=base_dir)
+
+
+def load_cascade_config(path: Path) -> CascadeConfig:
+    """Load only the cascade slice of a root config file (ignores the `miner:` section)."""
+    path = Path(path)
+    data = read_yaml(path)
+    return parse_cascade_config(data, source=str(path), base_dir=str(path.resolve().parent))

@@ -1,0 +1,91 @@
+"""The one interface between the engine and a model backend.
+
+A backend owns its library (torch, transformers, onnxruntime, ...); the engine owns scheduling.
+The contract follows a worker lifecycle: `load(device)` once, `warmup()` before the tier counts as
+ready, `predict(images)` many times from a worker thread, `close()` at shutdown. `predict` returns
+one entry per input image, in order; an item that failed is an `Exception` in its slot so one bad
+image never costs the rest of the batch.
+"""
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from PIL import Image
+
+from cascade.config import TierSpec, build_dataclass
+
+
+@dataclass(frozen=True)
+class TierOutput:
+    """A tier's uncalibrated probability that the image shows roadwork, with what it saw."""
+
+    prob: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a backend that takes none."""
+
+
+class Tier(abc.ABC):
+    """Base class of every backend.
+
+    Subclasses set `Options` to a frozen dataclass of their backend-specific settings (defaults
+    beside the code, YAML overrides under the tier's `options:` key; unknown keys are a
+    ConfigError naming the tier).
+    """
+
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, spec: TierSpec) -> None:
+        self.spec = spec
+        self.options = build_dataclass(self.Options, spec.options, source=spec.source,
+                                       prefix=f"tiers.{spec.name}.options")
+        self.device = spec.device
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @abc.abstractmethod
+    def load(self, device: str) -> None:
+        """Load weights onto `device` ("cpu", "cuda:0", ...). Called once, off the event loop."""
+
+    def warmup(self) -> None:
+        """Run one small batch so first-request latency is not paid by a validator."""
+        image = Image.new("RGB", (640, 480), (90, 90, 90))
+        outputs = self.predict([image] * min(2, self.spec.max_batch_size))
+        for out in outputs:
+            if isinstance(out, Exception):
+                raise out
+
+    @abc.abstractmethod
+    def predict(self, images: Sequence[Image.Image]) -> list["TierOutput | Exception"]:
+        """Score a batch of RGB images; one entry per image, in order."""
+
+    def close(self) -> None:
+        """Release device memory and handles."""
+
+    def describe(self) -> dict[str, Any]:
+        """What `health()` reports about this tier beyond the engine's own counters."""
+        return {"backend": self.spec.backend, "device": self.device,
+                "options": dataclasses.asdict(self.options)}
+
+
+class TrainableTier(Tier):
+    """A tier whose decision head is fitted by `natix-miner train` on frozen features.
+
+    `embed` must be deterministic for a given image so features can be cached; `head_path`
+    says where `load` looks for the fitted head and where training writes it.
+    """
+
+    @abc.abstractmethod
+    def embed(self, images: Sequence[Image.Image]) -> "Any":
+        """Return an [N, D] float array of the features the head consumes."""
+
+    @abc.abstractmethod
+    def head_path(self) -> "Any":
+        """Path of the head file this tier loads (a `pathlib.Path`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from natix_miner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""`natix-miner`: one entry point, one module per subcommand (natix_miner/commands/)."""
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# name -> module under natix_miner.commands; imported lazily so `--help` stays fast.
+COMMANDS: dict[str, str] = {
+    "serve": "serve",
+    "local": "local",
+    "validate": "validate",
+    "train": "train",
+    "eval": "evaluate",
+    "calibrate": "calibrate",
+    "plan": "plan",
+    "models": "models_pull",
+    "register": "register",
+    "model-card": "model_card",
+}
+
+DEFAULT_CONFIG = "configs/cpu.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="natix-miner",
+        description="NATIX StreetVision (subnet 72) roadwork miner: serve, test locally, train, "
+                    "calibrate and evaluate a model cascade.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f"natix_miner.commands.{module}")
+        mod.add_parser(sub, name)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
