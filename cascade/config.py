@@ -157,6 +157,8 @@ class TierSpec:
     # Set by the loader: the file this spec came from and the directory paths resolve against.
     source: str = "<memory>"
     base_dir: str = "."
+    # Set by the loader from the root `artifacts_dir`: where trained heads etc. live.
+    artifacts_dir: str = "."
 
     def validate(self, source: str, prefix: str) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -173,6 +175,10 @@ class TierSpec:
             return None
         p = Path(path).expanduser()
         return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    def artifact(self, filename: str) -> Path:
+        """Path of one of this tier's trained artefacts: `<artifacts_dir>/<tier name>/<filename>`."""
+        return Path(self.artifacts_dir) / self.name / filename
 
     def checkpoint_path(self) -> Optional[str]:
         """The checkpoint as a local path if one exists there, else the hub id unchanged."""
@@ -292,6 +298,8 @@ class CascadeConfig:
     devices: dict[str, DeviceSpec]
     source: str = "<memory>"
     base_dir: str = "."
+    # Where trained heads and calibration live (root key `artifacts_dir`, relative to the config).
+    artifacts_dir: str = "."
 
     def resolve(self, path: Optional[str]) -> Optional[Path]:
         if path is None:
@@ -304,11 +312,17 @@ class CascadeConfig:
         return [t for t in self.tiers if t.enabled]
 
 
-CASCADE_KEYS = ("engine", "router", "tiers", "devices")
+CASCADE_KEYS = ("engine", "router", "tiers", "devices", "artifacts_dir")
+DEFAULT_ARTIFACTS_DIR = "../models/artifacts"
 
 
 def parse_cascade_config(data: Mapping[str, Any], *, source: str, base_dir: str) -> CascadeConfig:
     """Validate the cascade slice (`engine`, `router`, `tiers`, `devices`) of a root config."""
+    raw_art = data.get("artifacts_dir", DEFAULT_ARTIFACTS_DIR)
+    if not isinstance(raw_art, str):
+        raise ConfigError(source, "artifacts_dir", "a path string", raw_art)
+    art = Path(raw_art).expanduser()
+    artifacts_dir = str(art if art.is_absolute() else (Path(base_dir) / art).resolve())
     engine = build_dataclass(EngineConfig, data.get("engine"), source=source, prefix="engine")
     router = build_dataclass(RouterConfig, data.get("router"), source=source, prefix="router")
     raw_tiers = data.get("tiers")
@@ -319,9 +333,11 @@ def parse_cascade_config(data: Mapping[str, Any], *, source: str, base_dir: str)
     for i, raw in enumerate(raw_tiers):
         if not isinstance(raw, Mapping):
             raise ConfigError(source, f"tiers[{i}]", "a mapping", raw)
-        if "source" in raw or "base_dir" in raw:
-            raise ConfigError(source, f"tiers[{i}]", "no 'source'/'base_dir' keys (set by the loader)")
-        spec = build_dataclass(TierSpec, {**raw, "source": source, "base_dir": base_dir},
+        if {"source", "base_dir", "artifacts_dir"} & set(raw):
+            raise ConfigError(source, f"tiers[{i}]",
+                              "no 'source'/'base_dir'/'artifacts_dir' keys (set by the loader)")
+        spec = build_dataclass(TierSpec, {**raw, "source": source, "base_dir": base_dir,
+                                          "artifacts_dir": artifacts_dir},
                                source=source, prefix=f"tiers[{i}]")
         if spec.name in seen:
             raise ConfigError(source, f"tiers[{i}].name", "a name used by no other tier", spec.name)
@@ -333,7 +349,7 @@ def parse_cascade_config(data: Mapping[str, Any], *, source: str, base_dir: str)
     devices = {str(k): build_dataclass(DeviceSpec, v, source=source, prefix=f"devices.{k}")
                for k, v in raw_devices.items()}
     return CascadeConfig(engine=engine, router=router, tiers=tiers, devices=devices,
-                         source=source, base_dir=base_dir)
+                         source=source, base_dir=base_dir, artifacts_dir=artifacts_dir)
 
 
 def load_cascade_config(path: Path) -> CascadeConfig:

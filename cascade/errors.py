@@ -13,3 +13,12 @@ class ConfigError(ValueError):
         if got is not None:
             detail += f", got {got!r}"
         super().__init__(detail)
+
+
+class MissingArtifactError(RuntimeError):
+    """A tier cannot load because a trained artefact is missing; `fix` is the command that makes it."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        self.what = what
+        self.fix = fix
+        super().__init__(f"{what} is missing; create it with: {fix}")
