@@ -20,6 +20,8 @@ import yaml
 
 from cascade.errors import ConfigError
 
+CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "identity")
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "fp8": 1, "int8": 1, "int4": 0.5, "nvfp4": 0.5, "awq": 0.5, "gptq": 0.5}
 
@@ -152,6 +154,9 @@ class TierSpec:
     timeout_ms: Optional[float] = None
     # Whether the tier runs in the cascade (false keeps it in the file for eval only).
     enabled: bool = True
+    # Map `natix-miner calibrate` fits to this tier's raw probability: temperature, platt,
+    # isotonic or identity.
+    calibration: str = "temperature"
     # Backend-specific options, validated by the backend's own Options dataclass.
     options: dict[str, Any] = field(default_factory=dict)
     # Set by the loader: the file this spec came from and the directory paths resolve against.
@@ -163,6 +168,11 @@ class TierSpec:
     def validate(self, source: str, prefix: str) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(source, f"{prefix}.dtype", f"one of {sorted(DTYPE_BYTES)}", self.dtype)
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ConfigError(source, f"{prefix}.calibration", f"one of {list(CALIBRATION_METHODS)}",
+                              self.calibration)
+        if self.timeout_ms is not None and self.timeout_ms <= 0:
+            raise ConfigError(source, f"{prefix}.timeout_ms", "a number > 0 or null", self.timeout_ms)
         if self.max_batch_size < 1:
             raise ConfigError(source, f"{prefix}.max_batch_size", "an integer >= 1", self.max_batch_size)
         for name in ("max_wait_ms", "params_m", "reserve_mib", "weight", "expected_latency_ms"):
@@ -258,6 +268,24 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ConditionsConfig:
+    """Thresholds of the cheap image-condition estimates (see `cascade.conditions`)."""
+
+    # Night when the mean luminance (0..1) of the downscaled grey image is below this.
+    night_luminance: float = 0.25
+    # Low contrast when the RMS contrast (std of grey levels, 0..1) is below this.
+    low_contrast_rms: float = 0.08
+    # Blur when the variance of the Laplacian (grey levels 0..255) is below this.
+    blur_laplacian_var: float = 60.0
+    # Longest side of the grey image the statistics are computed on.
+    max_side: int = 256
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.max_side < 16:
+            raise ConfigError(source, f"{prefix}.max_side", "an integer >= 16", self.max_side)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Scheduling, deadline and failure handling."""
 
@@ -271,6 +299,7 @@ class EngineConfig:
     threads_per_device: int = 1
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
 
     def validate(self, source: str, prefix: str) -> None:
         if not 0.0 <= self.fallback_probability <= 1.0:
@@ -278,14 +307,26 @@ class EngineConfig:
                               self.fallback_probability)
         if self.deadline_ms <= 0:
             raise ConfigError(source, f"{prefix}.deadline_ms", "a number > 0", self.deadline_ms)
+        if self.threads_per_device < 1:
+            raise ConfigError(source, f"{prefix}.threads_per_device", "an integer >= 1",
+                              self.threads_per_device)
 
 
 @dataclass(frozen=True)
 class DeviceSpec:
     """Memory available on one device, for placement."""
 
-    # Usable memory in GiB (leave headroom for the CUDA context yourself).
+    # Total memory in GiB (the planner subtracts the CUDA context overhead itself).
     memory_gib: float
+    # Memory the runtime takes before any model loads (null: 0.5 GiB on cuda, 0 on cpu).
+    context_overhead_gib: Optional[float] = None
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.memory_gib <= 0:
+            raise ConfigError(source, f"{prefix}.memory_gib", "a number > 0", self.memory_gib)
+        if self.context_overhead_gib is not None and self.context_overhead_gib < 0:
+            raise ConfigError(source, f"{prefix}.context_overhead_gib", "a number >= 0",
+                              self.context_overhead_gib)
 
 
 @dataclass(frozen=True)

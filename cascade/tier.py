@@ -89,3 +89,23 @@ class TrainableTier(Tier):
     @abc.abstractmethod
     def head_path(self) -> "Any":
         """Path of the head file this tier loads (a `pathlib.Path`)."""
+
+    # Training hooks the `natix-miner train` shell calls; `models.heads.HeadMixin` implements
+    # the last three for every backbone+head backend, so the shell never sees how a head works.
+
+    @abc.abstractmethod
+    def load_backbone(self, device: str) -> None:
+        """Load only what `embed` needs (no trained head), for training."""
+
+    @abc.abstractmethod
+    def fit_head(self, features: "Any", labels: Sequence[int], *, groups: "Any" = None,
+                 seed: int = 0) -> dict[str, Any]:
+        """Fit the head on [N, D] features (rows sharing a group are one image); keep it in memory."""
+
+    @abc.abstractmethod
+    def head_probs(self, features: "Any") -> "Any":
+        """P(roadwork) [N] from the in-memory head for precomputed features."""
+
+    @abc.abstractmethod
+    def save_head(self, metadata: dict[str, Any]) -> "Any":
+        """Write the in-memory head to `head_path()` with `metadata`; return the path."""

@@ -1,0 +1,471 @@
+"""Calibration: per-tier probability maps, consensus weights and the final threshold map.
+
+Three steps, fitted by `natix-miner calibrate` on labelled images the tiers never trained on:
+1. each tier's raw probability goes through its own monotone map (temperature, Platt, isotonic or
+   identity) so that "0.8" means the same thing from every tier before they are fused;
+2. the consensus weights are fitted by maximising the likelihood of the fused geometric mean,
+   shrunk toward the config's prior weights (a few hundred images cannot outvote a prior freely);
+3. the final threshold map: the validator binarises with numpy `round`, where exactly 0.5 counts
+   as "no roadwork". The threshold t* that maximises the subnet reward on the labelled data is
+   found on the fused probability, and a monotone piecewise-linear map sends 0 -> 0, t* -> 0.5+eps
+   and 1 -> 1, so "fused >= t*" is exactly "emitted rounds to 1" while the emitted value stays a
+   probability-like, order-preserving number.
+
+Everything is numpy/scipy: the engine knows no model library. The fitted set is one JSON file;
+a missing file means identity everywhere (with a warning), a malformed one is a clear error.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+from loguru import logger
+from scipy import optimize
+
+from cascade.config import CALIBRATION_METHODS
+from cascade.consensus import clip_prob, fuse_matrix, logit, sigmoid
+from cascade.errors import ConfigError
+
+FORMAT_VERSION = 1
+THRESHOLD_EPS = 1e-6
+
+
+def _as_arrays(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} probabilities but {y.size} labels")
+    keep = np.isfinite(p) & np.isfinite(y)
+    p, y = p[keep], y[keep]
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("labels must be 0 or 1")
+    return p, y
+
+
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
+    q = clip_prob(p)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+# --------------------------------------------------------------------------- per-tier calibrators
+
+class Calibrator:
+    """A monotone map from a tier's raw probability to a calibrated one."""
+
+    method = "identity"
+
+    def __call__(self, p: "float | np.ndarray") -> "float | np.ndarray":
+        arr = np.asarray(p, dtype=np.float64)
+        out = np.clip(np.nan_to_num(self._apply(arr), nan=0.5), 0.0, 1.0)
+        return float(out) if out.ndim == 0 else out
+
+    def _apply(self, p: np.ndarray) -> np.ndarray:
+        return p
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.params()}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "Calibrator":
+        method = d.get("method")
+        if method == "identity":
+            return Calibrator()
+        if method == "temperature":
+            return TemperatureCalibrator(float(d["temperature"]))
+        if method == "platt":
+            return PlattCalibrator(float(d["a"]), float(d["b"]))
+        if method == "isotonic":
+            return IsotonicCalibrator(np.asarray(d["x"], float), np.asarray(d["y"], float))
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {list(CALIBRATION_METHODS)}")
+
+
+class TemperatureCalibrator(Calibrator):
+    """sigmoid(logit(p) / T): one parameter, cannot reorder, safe on small data."""
+
+    method = "temperature"
+
+    def __init__(self, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def _apply(self, p: np.ndarray) -> np.ndarray:
+        return sigmoid(logit(p) / self.temperature)
+
+    def params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+
+class PlattCalibrator(Calibrator):
+    """sigmoid(a * logit(p) + b): temperature plus a bias, for tiers whose 0.5 is off-centre."""
+
+    method = "platt"
+
+    def __init__(self, a: float, b: float) -> None:
+        self.a, self.b = float(a), float(b)
+
+    def _apply(self, p: np.ndarray) -> np.ndarray:
+        return sigmoid(self.a * logit(p) + self.b)
+
+    def params(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b}
+
+
+class IsotonicCalibrator(Calibrator):
+    """Pool-adjacent-violators fit, linearly interpolated between the edges of its flat blocks."""
+
+    method = "isotonic"
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+            raise ValueError("isotonic calibrator needs equal-length, non-empty x and y")
+        self.x, self.y = x.astype(np.float64), y.astype(np.float64)
+
+    def _apply(self, p: np.ndarray) -> np.ndarray:
+        return np.interp(p, self.x, self.y)
+
+    def params(self) -> dict[str, Any]:
+        return {"x": self.x.tolist(), "y": self.y.tolist()}
+
+
+def pav(y: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
+    """Pool adjacent violators: the non-decreasing sequence closest to `y` in weighted L2."""
+    y = np.asarray(y, dtype=np.float64)
+    w = np.ones_like(y) if w is None else np.asarray(w, dtype=np.float64)
+    means: list[float] = []
+    weights: list[float] = []
+    counts: list[int] = []
+    for yi, wi in zip(y, w):
+        means.append(float(yi)); weights.append(float(wi)); counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            m2, w2, c2 = means.pop(), weights.pop(), counts.pop()
+            m1, w1, c1 = means.pop(), weights.pop(), counts.pop()
+            ww = w1 + w2
+            means.append((m1 * w1 + m2 * w2) / ww); weights.append(ww); counts.append(c1 + c2)
+    return np.repeat(np.asarray(means), counts)
+
+
+def _fit_isotonic(p: np.ndarray, y: np.ndarray) -> IsotonicCalibrator:
+    order = np.argsort(p, kind="mergesort")
+    ps, ys = p[order], y[order]
+    # collapse tied inputs first so equal probabilities get one fitted value
+    ux, inv, cnt = np.unique(ps, return_inverse=True, return_counts=True)
+    ymean = np.bincount(inv, weights=ys) / cnt
+    fitted = pav(ymean, cnt.astype(np.float64))
+    # keep the first and last knot of each flat block: interpolating between them stays monotone
+    keep = np.ones_like(fitted, dtype=bool)
+    keep[1:-1] = (np.diff(fitted)[:-1] != 0) | (np.diff(fitted)[1:] != 0)
+    x, yk = ux[keep], fitted[keep]
+    # extend to the full [0, 1] domain with flat ends
+    x = np.concatenate([[0.0], x, [1.0]]) if x[0] > 0 or x[-1] < 1 else x
+    yk = np.concatenate([[yk[0]], yk, [yk[-1]]]) if x.size == yk.size + 2 else yk
+    return IsotonicCalibrator(x, yk)
+
+
+def fit_calibrator(probs: Any, labels: Any, method: str) -> Calibrator:
+    """Fit one tier's map from its raw probabilities on labelled data (method from the config)."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {list(CALIBRATION_METHODS)}")
+    p, y = _as_arrays(probs, labels)
+    if method == "identity":
+        return Calibrator()
+    if p.size < 2 or y.min() == y.max():
+        logger.warning("calibration of {} needs both classes; got {} samples with labels {} -> identity",
+                       method, p.size, sorted(set(y.tolist())))
+        return Calibrator()
+    z = logit(p)
+    if method == "temperature":
+        res = optimize.minimize_scalar(lambda lt: _nll(sigmoid(z / math.exp(lt)), y),
+                                       bounds=(-5.0, 5.0), method="bounded")
+        return TemperatureCalibrator(math.exp(float(res.x)))
+    if method == "platt":
+        # Platt's smoothed targets keep a perfectly separable tier from running to infinite slope.
+        n_pos, n_neg = y.sum(), (1 - y).sum()
+        t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+        def loss(ab: np.ndarray) -> float:
+            q = clip_prob(sigmoid(ab[0] * z + ab[1]))
+            return float(-np.mean(t * np.log(q) + (1 - t) * np.log1p(-q)))
+
+        res = optimize.minimize(loss, x0=np.array([1.0, 0.0]), method="L-BFGS-B",
+                                bounds=[(1e-3, 100.0), (-50.0, 50.0)])
+        return PlattCalibrator(float(res.x[0]), float(res.x[1]))
+    return _fit_isotonic(p, y)
+
+
+# --------------------------------------------------------------------------- consensus weights
+
+def fit_weights(prob_matrix: Any, labels: Any, prior: Sequence[float], *,
+                shrinkage: float = 0.05) -> np.ndarray:
+    """Consensus weights (normalised to sum 1) maximising the fused log-likelihood.
+
+    `prob_matrix` is [N, T] calibrated probabilities with NaN where a tier did not answer.
+    The objective is the mean negative log-likelihood of the fused probability plus
+    `shrinkage * sum((w - prior)^2)` on normalised weights: with little data the prior wins.
+    """
+    P = np.asarray(prob_matrix, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if P.ndim != 2 or P.shape[0] != y.size:
+        raise ValueError(f"prob_matrix must be [N, T] with N = {y.size} labels, got {P.shape}")
+    prior_arr = np.asarray(list(prior), dtype=np.float64)
+    if prior_arr.shape != (P.shape[1],):
+        raise ValueError(f"{P.shape[1]} tiers but {prior_arr.size} prior weights")
+    prior_arr = np.clip(np.nan_to_num(prior_arr, nan=0.0), 0.0, None)
+    prior_n = prior_arr / prior_arr.sum() if prior_arr.sum() > 0 else np.full(P.shape[1], 1 / P.shape[1])
+    rows = np.isfinite(P).any(axis=1) & np.isfinite(y)
+    P, y = P[rows], y[rows]
+    if P.shape[1] == 1 or P.shape[0] < 2 or y.min() == y.max():
+        return prior_n
+
+    def objective(w: np.ndarray) -> float:
+        s = w.sum()
+        wn = w / s if s > 0 else prior_n
+        return _nll(fuse_matrix(P, wn), y) + shrinkage * float(np.sum((wn - prior_n) ** 2))
+
+    res = optimize.minimize(objective, x0=prior_n.copy(), method="L-BFGS-B",
+                            bounds=[(0.0, 1.0)] * P.shape[1])
+    w = np.clip(res.x, 0.0, None)
+    if not np.all(np.isfinite(w)) or w.sum() <= 0:
+        return prior_n
+    return w / w.sum()
+
+
+# --------------------------------------------------------------------------- threshold map
+
+def expected_reward(y: np.ndarray, pred: np.ndarray, *, balanced: bool = True) -> float:
+    """(0.5 * max(MCC, 0) + 0.5 * accuracy) ** 3, the subnet reward with both windows on one set.
+
+    Validators draw labels 50/50, so by default each class gets equal total weight whatever the
+    prevalence of the labelled data.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    n_pos, n_neg = y.sum(), (1 - y).sum()
+    if n_pos == 0 or n_neg == 0:
+        return 0.0
+    tpr = float(np.sum(pred * y) / n_pos)
+    fpr = float(np.sum(pred * (1 - y)) / n_neg)
+    return float(_reward_from_rates(np.array([tpr]), np.array([fpr]),
+                                    0.5 if balanced else n_pos / (n_pos + n_neg))[0])
+
+
+def _reward_from_rates(tpr: np.ndarray, fpr: np.ndarray, prevalence: float) -> np.ndarray:
+    pi = prevalence
+    tp, fn = pi * tpr, pi * (1 - tpr)
+    fp, tn = (1 - pi) * fpr, (1 - pi) * (1 - fpr)
+    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    mcc = np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0)
+    acc = tp + tn
+    return (0.5 * np.maximum(mcc, 0.0) + 0.5 * acc) ** 3
+
+
+@dataclass(frozen=True)
+class ThresholdMap:
+    """Monotone piecewise-linear map through (0, 0), (t*, 0.5 + eps), (1, 1).
+
+    `fused >= t*` emits a value above 0.5 (numpy round -> 1); `fused < t* * (1 - 2 eps)` emits a
+    value at or below 0.5 (round -> 0).
+    """
+
+    t_star: float = 0.5
+    eps: float = THRESHOLD_EPS
+    reward: Optional[float] = None
+
+    def __call__(self, p: "float | np.ndarray") -> "float | np.ndarray":
+        arr = np.clip(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=0.5), 0.0, 1.0)
+        t, mid = self.t_star, 0.5 + self.eps
+        out = np.where(arr <= t, arr / t * mid, mid + (arr - t) / (1.0 - t) * (1.0 - mid))
+        out = np.clip(out, 0.0, 1.0)
+        return float(out) if out.ndim == 0 else out
+
+    @property
+    def is_identity(self) -> bool:
+        return self.t_star == 0.5 and self.eps == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t_star": self.t_star, "eps": self.eps, "reward": self.reward}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "ThresholdMap":
+        t = float(d["t_star"])
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"t_star must be in (0, 1), got {t}")
+        reward = d.get("reward")
+        return ThresholdMap(t, float(d.get("eps", THRESHOLD_EPS)), None if reward is None else float(reward))
+
+
+IDENTITY_MAP = ThresholdMap(0.5, 0.0)
+
+
+def fit_threshold_map(probs: Any, labels: Any, *, balanced: bool = True,
+                      eps: float = THRESHOLD_EPS, bounds: tuple[float, float] = (0.01, 0.99)) -> ThresholdMap:
+    """Pick t* maximising the expected subnet reward of `p >= t*` and build the map.
+
+    Candidates are midpoints between consecutive distinct probabilities, so no labelled point sits
+    on the threshold; among equally good candidates the middle of the best plateau wins.
+    """
+    p, y = _as_arrays(probs, labels)
+    if p.size < 2 or y.min() == y.max():
+        logger.warning("threshold map needs both classes ({} samples) -> t* = 0.5", p.size)
+        return ThresholdMap(0.5, eps)
+    u = np.unique(p)
+    cand = (u[:-1] + u[1:]) / 2 if u.size > 1 else u
+    cand = np.unique(np.clip(np.concatenate([cand, [0.5]]), *bounds))
+    pos, neg = p[y == 1], p[y == 0]
+    pos_s, neg_s = np.sort(pos), np.sort(neg)
+    tpr = 1.0 - np.searchsorted(pos_s, cand, side="left") / pos.size
+    fpr = 1.0 - np.searchsorted(neg_s, cand, side="left") / neg.size
+    prevalence = 0.5 if balanced else pos.size / p.size
+    r = _reward_from_rates(tpr, fpr, prevalence)
+    best = r.max()
+    idx = np.flatnonzero(r >= best - 1e-12)
+    # the plateau around the first best index
+    run = [idx[0]]
+    for i in idx[1:]:
+        if i == run[-1] + 1:
+            run.append(i)
+        else:
+            break
+    t = float(cand[run[len(run) // 2]]) if len(run) % 2 else float((cand[run[len(run) // 2 - 1]] + cand[run[len(run) // 2]]) / 2)
+    return ThresholdMap(float(np.clip(t, *bounds)), eps, float(best))
+
+
+def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> float:
+    """Binned |mean label - mean probability|, weighted by bin size (equal-width bins on [0, 1])."""
+    p, y = _as_arrays(probs, labels)
+    if p.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            err += m.mean() * abs(float(y[m].mean()) - float(p[m].mean()))
+    return float(err)
+
+
+# --------------------------------------------------------------------------- the set the engine loads
+
+@dataclass
+class CalibrationSet:
+    """Everything `natix-miner calibrate` fits, as the engine applies it."""
+
+    calibrators: dict[str, Calibrator] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    threshold_map: ThresholdMap = IDENTITY_MAP
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None
+
+    @classmethod
+    def identity(cls) -> "CalibrationSet":
+        return cls()
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.calibrators and not self.weights and self.threshold_map.is_identity
+
+    def calibrate(self, tier: str, p: float) -> float:
+        cal = self.calibrators.get(tier)
+        return float(cal(p)) if cal is not None else float(np.clip(np.nan_to_num(p, nan=0.5), 0.0, 1.0))
+
+    def weight(self, tier: str, prior: float) -> float:
+        return float(self.weights.get(tier, prior))
+
+    def final(self, p: float) -> float:
+        return float(self.threshold_map(p))
+
+    def decision_threshold(self, default: float) -> float:
+        """The fused-probability threshold the router should keep its distance from."""
+        return default if self.threshold_map.is_identity else self.threshold_map.t_star
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION,
+                "tiers": {k: c.to_dict() for k, c in self.calibrators.items()},
+                "weights": dict(self.weights),
+                "threshold_map": self.threshold_map.to_dict(),
+                "metrics": self.metrics}
+
+    def save(self, path: "str | Path") -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: "str | Path | None") -> "CalibrationSet":
+        """Load a calibration file; a missing (or unset) file is identity everywhere, with a warning."""
+        if path is None:
+            logger.warning("no calibration file configured: identity calibration, threshold 0.5")
+            return cls.identity()
+        path = Path(path)
+        if not path.exists():
+            logger.warning("calibration file {} not found: identity calibration, threshold 0.5 "
+                           "(fit one with `natix-miner calibrate`)", path)
+            return cls.identity()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(path), "<file>", f"a JSON calibration file ({exc})") from None
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            raise ConfigError(str(path), "version", f"{FORMAT_VERSION}",
+                              data.get("version") if isinstance(data, dict) else type(data).__name__)
+        calibrators: dict[str, Calibrator] = {}
+        for name, d in (data.get("tiers") or {}).items():
+            try:
+                calibrators[name] = Calibrator.from_dict(d)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(str(path), f"tiers.{name}", f"a valid calibrator ({exc})") from None
+        weights = {}
+        for name, w in (data.get("weights") or {}).items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(str(path), f"weights.{name}", "a finite number >= 0", w)
+            weights[name] = float(w)
+        try:
+            tmap = ThresholdMap.from_dict(data["threshold_map"]) if data.get("threshold_map") else IDENTITY_MAP
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(str(path), "threshold_map", f"{{t_star in (0, 1), eps}} ({exc})") from None
+        return cls(calibrators, weights, tmap, dict(data.get("metrics") or {}), str(path))
+
+
+def fit_calibration_set(raw: Mapping[str, Any], labels: Any, *, methods: Mapping[str, str],
+                        prior: Mapping[str, float], bins: int = 15) -> CalibrationSet:
+    """The whole fit, as `natix-miner calibrate` runs it.
+
+    `raw` maps tier name -> [N] raw probabilities (NaN where the tier did not answer), in cascade
+    order. Each tier's map is fitted on its answered rows, the weights on the calibrated matrix,
+    and the threshold map on the fused result. `metrics` records ECE before/after per tier and of
+    the fused probability, and the reward at t* versus at 0.5.
+    """
+    names = list(raw)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    R = np.stack([np.asarray(raw[n], dtype=np.float64).reshape(-1) for n in names], axis=1)
+    if R.shape[0] != y.size:
+        raise ValueError(f"{R.shape[0]} rows of tier probabilities but {y.size} labels")
+    calibrators: dict[str, Calibrator] = {}
+    C = np.full_like(R, np.nan)
+    metrics: dict[str, Any] = {"n": int(y.size), "tiers": {}}
+    for j, n in enumerate(names):
+        ok = np.isfinite(R[:, j])
+        cal = fit_calibrator(R[ok, j], y[ok], methods.get(n, "temperature"))
+        calibrators[n] = cal
+        C[ok, j] = cal(R[ok, j])
+        metrics["tiers"][n] = {"method": cal.method, "answered": int(ok.sum()),
+                               "ece_raw": expected_calibration_error(R[ok, j], y[ok], bins),
+                               "ece_calibrated": expected_calibration_error(C[ok, j], y[ok], bins)}
+    w = fit_weights(C, y, [prior.get(n, 1.0) for n in names])
+    fused = fuse_matrix(C, w)
+    ok = np.isfinite(fused)
+    tmap = fit_threshold_map(fused[ok], y[ok])
+    metrics["fused"] = {"ece": expected_calibration_error(fused[ok], y[ok], bins),
+                        "t_star": tmap.t_star, "reward_at_t_star": tmap.reward,
+                        "reward_at_0_5": expected_reward(y[ok], (fused[ok] > 0.5).astype(float))}
+    return CalibrationSet(calibrators, dict(zip(names, map(float, w))), tmap, metrics)

@@ -1,0 +1,295 @@
+"""Engine behaviour with small purpose-built tiers: routing, deadline, failures, batching."""
+
+import asyncio
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import yaml
+from PIL import Image
+
+from cascade.calibration import CalibrationSet, ThresholdMap
+from cascade.config import load_cascade_config
+from cascade.engine import CascadeEngine, TierStartError
+from cascade.errors import MissingArtifactError
+from cascade.telemetry import Telemetry
+from cascade.tier import Tier, TierOutput
+
+
+class ScriptedTier(Tier):
+    """A tier whose probability, delay and failures the test controls.
+
+    prob: a constant, or None to read it from the red channel of the image's first pixel.
+    """
+
+    def __init__(self, spec, prob: Optional[float] = 0.5, delay_s: float = 0.0,
+                 fail: Optional[Callable[[], Any]] = None, load_error: Optional[Exception] = None,
+                 output: Any = None) -> None:
+        super().__init__(spec)
+        self.prob = prob
+        self.delay_s = delay_s
+        self.fail = fail
+        self.load_error = load_error
+        self.output = output
+        self.batch_sizes: list[int] = []
+        self.loaded_on: Optional[str] = None
+        self.closed = threading.Event()
+
+    def load(self, device: str) -> None:
+        if self.load_error is not None:
+            raise self.load_error
+        self.loaded_on = device
+
+    def warmup(self) -> None:  # keep warm-up out of the batch counts
+        pass
+
+    def predict(self, images):
+        self.batch_sizes.append(len(images))
+        if self.delay_s:
+            self.closed.wait(self.delay_s)  # interruptible so stop() does not wait it out
+        if self.fail is not None:
+            err = self.fail()
+            if err is not None:
+                raise err
+        if self.output is not None:
+            return self.output(images)
+        outs = []
+        for im in images:
+            p = self.prob if self.prob is not None else im.getpixel((0, 0))[0] / 255.0
+            outs.append(TierOutput(p, {"seen": True}))
+        return outs
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def write_config(tmp_path: Path, tiers: list[dict], engine: Optional[dict] = None,
+                 router: Optional[dict] = None) -> Path:
+    data = {"engine": {"deadline_ms": 2000, "threads_per_device": 2, **(engine or {})},
+            "router": {"threshold": 0.5, "margin": 0.3, **(router or {})},
+            "tiers": [{"backend": "scripted", "device": "cpu", "expected_latency_ms": 10, **t}
+                      for t in tiers],
+            "devices": {"cpu": {"memory_gib": 4}}}
+    path = tmp_path / "cascade.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def make_engine(tmp_path: Path, behaviours: dict[str, dict], *, tiers: Optional[list[dict]] = None,
+                engine: Optional[dict] = None, router: Optional[dict] = None,
+                calibration: Optional[CalibrationSet] = None):
+    tiers = tiers or [{"name": n} for n in behaviours]
+    cfg = load_cascade_config(write_config(tmp_path, tiers, engine, router))
+    made: dict[str, ScriptedTier] = {}
+
+    def factory(spec):
+        made[spec.name] = ScriptedTier(spec, **behaviours.get(spec.name, {}))
+        return made[spec.name]
+
+    eng = CascadeEngine(cfg, factory, telemetry=Telemetry(),
+                        calibration=calibration if calibration is not None else CalibrationSet.identity())
+    return eng, made
+
+
+def image(red: int = 128) -> Image.Image:
+    return Image.new("RGB", (64, 48), (red, 100, 100))
+
+
+async def test_confident_first_tier_stops_the_cascade(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.97}, "slow.b": {"prob": 0.1}})
+    async with eng:
+        res = await eng.predict(image())
+    assert res.stopped_after == "fast.a" and not res.escalated and not res.fallback
+    assert made["slow.b"].batch_sizes == []
+    assert res.prob == pytest.approx(0.97)
+    assert res.evidence["fast.a"] == {"seen": True}
+    assert set(res.conditions) >= {"night", "blur", "low_contrast", "day"}
+
+
+async def test_uncertain_first_tier_escalates_and_fuses(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.55}, "slow.b": {"prob": 0.9}},
+                            tiers=[{"name": "fast.a", "weight": 1.0}, {"name": "slow.b", "weight": 3.0}])
+    async with eng:
+        res = await eng.predict(image())
+    assert res.escalated and res.stopped_after == "slow.b"
+    a = 0.55 ** 0.25 * 0.9 ** 0.75
+    b = 0.45 ** 0.25 * 0.1 ** 0.75
+    assert res.prob == pytest.approx(a / (a + b))
+    assert res.tier_probs == {"fast.a": 0.55, "slow.b": 0.9}
+    assert eng.telemetry.value("cascade_escalations_total") == 1
+
+
+async def test_slow_tier_does_not_delay_answer_past_deadline(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.6}, "slow.b": {"prob": 0.9, "delay_s": 3.0}})
+    async with eng:
+        t0 = time.monotonic()
+        res = await eng.predict(image(), deadline_s=0.3)
+        elapsed = time.monotonic() - t0
+    assert elapsed < 0.3 + 0.15
+    assert res.latency_ms < 300 + 150
+    assert res.deadline_hit and res.failed == ["slow.b"] and not res.fallback
+    assert res.prob == pytest.approx(0.6)  # fused from the tier that finished
+    assert eng.telemetry.value("cascade_deadline_misses_total") == 1
+    assert eng.telemetry.value("cascade_tier_failures_total", {"tier": "slow.b", "kind": "deadline"}) == 1
+
+
+async def test_tier_timeout_drops_it_but_keeps_the_request(tmp_path):
+    eng, made = make_engine(tmp_path, {"slow.a": {"prob": 0.9, "delay_s": 2.0}, "fast.b": {"prob": 0.8}},
+                            tiers=[{"name": "slow.a", "timeout_ms": 100}, {"name": "fast.b"}])
+    async with eng:
+        res = await eng.predict(image(), deadline_s=1.5)
+    assert res.failed == ["slow.a"] and not res.deadline_hit
+    assert res.stopped_after == "fast.b" and res.prob == pytest.approx(0.8)
+    assert res.latency_ms < 1000
+
+
+async def test_raising_tier_is_isolated_and_breaker_opens_then_closes(tmp_path):
+    broken = {"on": True}
+
+    def fail():
+        return RuntimeError("CUDA error: device-side assert") if broken["on"] else None
+
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.6}, "flaky.b": {"prob": 0.9, "fail": fail}},
+                            engine={"breaker": {"failures_to_open": 2, "cooldown_s": 0.2}})
+    async with eng:
+        for _ in range(2):
+            res = await eng.predict(image())
+            assert res.failed == ["flaky.b"] and res.prob == pytest.approx(0.6)
+        assert eng.health()["tiers"]["flaky.b"]["breaker"] == "open"
+        calls_before = len(made["flaky.b"].batch_sizes)
+        res = await eng.predict(image())
+        assert res.skipped.get("flaky.b") == "breaker" and res.failed == []
+        assert len(made["flaky.b"].batch_sizes) == calls_before  # out of rotation: not even called
+        broken["on"] = False
+        await asyncio.sleep(0.25)
+        res = await eng.predict(image())  # the probe
+        assert res.failed == [] and "flaky.b" in res.tier_probs
+        h = eng.health()["tiers"]["flaky.b"]
+        assert h["breaker"] == "closed" and h["failures"] == 2
+    assert eng.telemetry.value("cascade_tier_failures_total", {"tier": "flaky.b", "kind": "error"}) == 2
+
+
+@pytest.mark.parametrize("bad", [
+    lambda ims: [TierOutput(float("nan"))] * len(ims),
+    lambda ims: [TierOutput(-1.0)] * len(ims),
+    lambda ims: [TierOutput(1.5)] * len(ims),
+    lambda ims: [TierOutput(0.9)] * (len(ims) + 1),
+    lambda ims: [ValueError("bad image")] * len(ims),
+    lambda ims: None,
+])
+async def test_nothing_a_tier_returns_escapes_as_an_invalid_answer(tmp_path, bad):
+    eng, made = make_engine(tmp_path, {"bad.a": {"output": bad}})
+    async with eng:
+        res = await eng.predict(image())
+    assert res.fallback and res.prob == 0.5 and res.failed == ["bad.a"]
+    assert 0.0 <= res.prob <= 1.0 and not math.isnan(res.prob)
+
+
+async def test_concurrent_requests_are_micro_batched(tmp_path):
+    eng, made = make_engine(tmp_path, {"batchy.a": {"prob": 0.9, "delay_s": 0.03}},
+                            tiers=[{"name": "batchy.a", "max_batch_size": 8, "max_wait_ms": 5}])
+    async with eng:
+        results = await eng.predict_batch([image() for _ in range(16)])
+    sizes = made["batchy.a"].batch_sizes
+    assert sum(sizes) == 16 and max(sizes) > 1 and len(sizes) < 16 and max(sizes) <= 8
+    assert all(r.prob == pytest.approx(0.9) for r in results)
+    assert eng.telemetry.value("cascade_tier_batch_size_count", {"tier": "batchy.a"}) == len(sizes)
+
+
+async def test_per_request_probabilities_stay_with_their_request(tmp_path):
+    eng, made = make_engine(tmp_path, {"pix.a": {"prob": None, "delay_s": 0.01}},
+                            tiers=[{"name": "pix.a", "max_batch_size": 4, "max_wait_ms": 5}])
+    reds = [10, 240, 30, 200, 5, 250, 60, 190]
+    async with eng:
+        results = await eng.predict_batch([image(r) for r in reds])
+    assert [r.raw_probs["pix.a"] for r in results] == pytest.approx([r / 255 for r in reds])
+
+
+async def test_start_propagates_missing_artifact_unchanged(tmp_path):
+    err = MissingArtifactError("head.pt of fast.a", fix="natix-miner train --config c.yaml --images DIR")
+    eng, made = make_engine(tmp_path, {"fast.a": {"load_error": err}, "slow.b": {}})
+    with pytest.raises(MissingArtifactError) as info:
+        await eng.start()
+    assert info.value is err and not eng.ready
+
+
+async def test_start_names_the_tier_that_failed_to_load(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {}, "slow.b": {"load_error": OSError("no weights")}})
+    with pytest.raises(TierStartError, match="slow.b"):
+        await eng.start()
+    assert made["fast.a"].closed.is_set()  # what did load is released again
+
+
+async def test_health_readiness_and_placement(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {}, "slow.b": {}})
+    assert eng.health()["ready"] is False
+    with pytest.raises(RuntimeError, match="not ready"):
+        await eng.predict(image())
+    await eng.start()
+    try:
+        h = eng.health()
+        assert h["ready"] is True and set(h["tiers"]) == {"fast.a", "slow.b"}
+        assert h["tiers"]["fast.a"]["loaded"] and h["tiers"]["fast.a"]["breaker"] == "closed"
+        assert set(eng.tiers) == {"fast.a", "slow.b"} and made["fast.a"].loaded_on == "cpu"
+        assert eng.telemetry.value("cascade_ready") == 1
+    finally:
+        await eng.stop()
+    assert eng.telemetry.value("cascade_ready") == 0
+
+
+async def test_telemetry_counts_requests_calls_and_answers(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.55}, "slow.b": {"prob": 0.95}})
+    async with eng:
+        for _ in range(3):
+            await eng.predict(image())
+    t = eng.telemetry
+    assert t.value("cascade_requests_total") == 3
+    assert t.value("cascade_answers_total", {"kind": "fused"}) == 3
+    assert t.value("cascade_tier_calls_total", {"tier": "fast.a"}) == 3
+    assert t.value("cascade_tier_calls_total", {"tier": "slow.b"}) == 3
+    assert t.value("cascade_request_latency_seconds_count") == 3
+    assert t.value("cascade_escalations_total") == 3
+
+
+async def test_calibration_threshold_map_and_router_threshold(tmp_path):
+    cal = CalibrationSet(threshold_map=ThresholdMap(0.7))
+    eng, made = make_engine(tmp_path, {"pix.a": {"prob": None}}, calibration=cal)
+    async with eng:
+        assert eng.router.threshold == 0.7
+        hi = await eng.predict(image(round(0.72 * 255)))
+        lo = await eng.predict(image(round(0.68 * 255)))
+    assert round(hi.prob) == 1 and round(lo.prob) == 0
+    assert hi.fused == pytest.approx(round(0.72 * 255) / 255)
+
+
+async def test_budget_skips_a_tier_expected_to_overrun(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.55}, "big.b": {"prob": 0.9}},
+                            tiers=[{"name": "fast.a"}, {"name": "big.b", "expected_latency_ms": 5000}])
+    async with eng:
+        res = await eng.predict(image(), deadline_s=1.0)
+    assert res.skipped == {"big.b": "budget"} and made["big.b"].batch_sizes == []
+    assert res.prob == pytest.approx(0.55) and not res.escalated
+
+
+async def test_uncertain_answers_go_to_the_store(tmp_path):
+    store_dir = tmp_path / "uncertain"
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.52}},
+                            engine={"store": {"enabled": True, "dir": str(store_dir), "band": 0.1}})
+    async with eng:
+        await eng.predict(image(1))
+        await eng.predict(image(2))
+        eng.store.flush()
+        items = eng.store.items()
+    assert len(items) == 2 and items[0]["reason"] == "near_threshold"
+    assert items[0]["record"]["raw_probs"] == {"fast.a": 0.52}
+    assert Path(items[0]["path"]).exists()
+
+
+async def test_tier_outputs_runs_every_tier(tmp_path):
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.99}, "slow.b": {"prob": 0.2}})
+    async with eng:
+        outs = await eng.tier_outputs(image())
+    assert outs["fast.a"].prob == 0.99 and outs["slow.b"].prob == 0.2
