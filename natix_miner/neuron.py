@@ -1,0 +1,479 @@
+"""The miner neuron: wallet, chain, guard, axon and the seam to the cascade engine.
+
+Threads and loops, because they decide whether one slow image stalls every validator:
+- bittensor's axon runs uvicorn on its own thread and event loop; the forward runs there.
+- the cascade engine lives on the neuron's own loop (the main thread's, or the `local`
+  command's background thread), where it was started. The forward hands it the decoded image
+  with `run_coroutine_threadsafe` and awaits the answer, so the axon loop only ever awaits.
+- decoding (base64 + Pillow) runs in a small thread pool, also off the axon loop.
+
+Every admitted request is answered with a number in [0, 1]: a decode failure, an engine error
+or a blown deadline gives `miner.fallback_probability`, and is logged with the caller's hotkey
+and counted. The reply carries no image (`image` is cleared), only the prediction.
+
+`--local` runs the same neuron without a chain: a throwaway wallet, the axon bound to
+127.0.0.1, and a guard that admits only the `--allow-hotkey` callers (signatures still checked).
+"""
+
+import asyncio
+import collections
+import math
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import bittensor as bt
+from loguru import logger
+
+from cascade.config import CascadeConfig, TierSpec
+from cascade.errors import MissingArtifactError
+from cascade.tier import Tier
+from natix_miner import guard as guard_mod
+from natix_miner.decode import DecodeError, decode_image
+from natix_miner.protocol import ExtendedImageSynapse, ImageSynapse
+from natix_miner.settings import MinerSettings
+
+LOCAL_HOST = "127.0.0.1"
+
+
+class NotRegisteredError(RuntimeError):
+    """The wallet's hotkey has no uid on the subnet; the message says how to register."""
+
+
+class WalletError(RuntimeError):
+    """The named wallet or hotkey does not exist on disk."""
+
+
+@dataclass(frozen=True)
+class NeuronOptions:
+    """What the command line decides (bittensor's flag names, see `natix_miner.commands.serve`)."""
+
+    netuid: int
+    network: str = "finney"
+    chain_endpoint: Optional[str] = None
+    wallet_name: str = "default"
+    wallet_hotkey: str = "default"
+    wallet_path: str = "~/.bittensor/wallets/"
+    axon_port: int = 8091
+    # Address the axon binds; None = bittensor's default (all interfaces). `--local` forces 127.0.0.1.
+    axon_ip: Optional[str] = None
+    axon_external_ip: Optional[str] = None
+    axon_external_port: Optional[int] = None
+    axon_max_workers: int = 10
+    local: bool = False
+    # Extra admitted callers (added to `miner.guard.allow_hotkeys`).
+    allow_hotkeys: tuple[str, ...] = ()
+    # Overrides `miner.guard.rate_limit_per_minute` when set; with `local` and no override the
+    # limit is off (the operator's own clients query back to back).
+    rate_limit_per_minute: Optional[int] = None
+
+
+def find_missing_artifact(exc: BaseException) -> Optional[MissingArtifactError]:
+    """The MissingArtifactError behind `exc`, however deeply the engine wrapped it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MissingArtifactError):
+            return exc
+        for inner in getattr(exc, "exceptions", ()) or ():  # ExceptionGroup
+            found = find_missing_artifact(inner)
+            if found is not None:
+                return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def throwaway_wallet(directory: Path, name: str = "local") -> "bt.Wallet":
+    """An unencrypted wallet in `directory`, for chain-free runs and tests only."""
+    wallet = bt.Wallet(name=name, hotkey="miner", path=str(directory))
+    wallet.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    return wallet
+
+
+class Miner:
+    """One miner neuron. `await start()`, serve until told to stop, `await stop()`."""
+
+    def __init__(self, settings: MinerSettings, cascade: CascadeConfig, options: NeuronOptions, *,
+                 tier_factory: Optional[Callable[[TierSpec], Tier]] = None,
+                 wallet: Optional["bt.Wallet"] = None, subtensor: Any = None) -> None:
+        self.settings = settings
+        self.cascade = cascade
+        self.options = options
+        self._tier_factory = tier_factory
+        self.wallet = wallet
+        self.engine: Any = None
+        self.axon: Optional[bt.Axon] = None
+        # Injected only by tests (there is no chain to talk to); otherwise built from the options.
+        self.subtensor: Any = subtensor
+        self.metagraph: Any = None
+        self.guard: Optional[guard_mod.Guard] = None
+        self.counters: collections.Counter = collections.Counter()
+        self.forward_calls = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
+                                               thread_name_prefix="decode")
+        self._tmpdir: Optional[str] = None
+        self._resync_task: Optional[asyncio.Task] = None
+        self._telemetry: Any = None
+        self.started = False
+
+    # ----- properties -------------------------------------------------------------------------
+    @property
+    def hotkey(self) -> str:
+        return self.wallet.hotkey.ss58_address
+
+    @property
+    def bind_host(self) -> str:
+        if self.options.local:
+            return LOCAL_HOST
+        return (self.options.axon_ip or "0.0.0.0").strip("[]")
+
+    @property
+    def address(self) -> str:
+        """host:port a client on this machine reaches the axon at."""
+        host = LOCAL_HOST if self.bind_host in ("0.0.0.0", "::") else self.bind_host
+        return f"{host}:{self.options.axon_port}"
+
+    # ----- lifecycle ------------------------------------------------------------------------------
+    def _build_wallet(self) -> "bt.Wallet":
+        if self.wallet is not None:
+            return self.wallet
+        if self.options.local:
+            self._tmpdir = tempfile.mkdtemp(prefix="natix-local-wallet-")
+            return throwaway_wallet(Path(self._tmpdir))
+        wallet = bt.Wallet(name=self.options.wallet_name, hotkey=self.options.wallet_hotkey,
+                           path=self.options.wallet_path)
+        if not wallet.hotkey_file.exists_on_device():
+            raise WalletError(
+                f"hotkey '{self.options.wallet_hotkey}' of wallet '{self.options.wallet_name}' not "
+                f"found under {self.options.wallet_path}; create it with: btcli wallet new-hotkey "
+                f"--wallet.name {self.options.wallet_name} --wallet.hotkey {self.options.wallet_hotkey}")
+        return wallet
+
+    def _connect_chain(self) -> guard_mod.MetagraphView:
+        o = self.options
+        network = o.chain_endpoint or o.network
+        logger.info("connecting to subtensor {} (netuid {})", network, o.netuid)
+        if self.subtensor is None:
+            self.subtensor = bt.Subtensor(network=network)
+        if not self.subtensor.is_hotkey_registered(hotkey_ss58=self.hotkey, netuid=o.netuid):
+            raise NotRegisteredError(
+                f"hotkey {self.hotkey} (wallet {o.wallet_name}/{o.wallet_hotkey}) is not registered "
+                f"on netuid {o.netuid} ({o.network}). Register it first: natix-miner register "
+                f"--netuid {o.netuid} --subtensor.network {o.network} --wallet.name {o.wallet_name} "
+                f"--wallet.hotkey {o.wallet_hotkey}")
+        self.metagraph = self.subtensor.metagraph(o.netuid)
+        view = guard_mod.MetagraphView.from_metagraph(self.metagraph)
+        logger.info("metagraph synced: {} hotkeys, {} with validator permit", len(view), view.validators)
+        return view
+
+    def _guard_settings(self):
+        import dataclasses
+
+        g = self.settings.guard
+        allow = list(dict.fromkeys([*g.allow_hotkeys, *self.options.allow_hotkeys]))
+        changes: dict[str, Any] = {"allow_hotkeys": allow}
+        if self.options.rate_limit_per_minute is not None:
+            changes["rate_limit_per_minute"] = self.options.rate_limit_per_minute
+        elif self.options.local:
+            # Local callers are the operator's own test clients, which query back to back.
+            changes["rate_limit_per_minute"] = 0
+        return dataclasses.replace(g, **changes)
+
+    def _make_engine(self) -> Any:
+        from cascade.engine import CascadeEngine
+
+        factory = self._tier_factory
+        if factory is None:
+            from models.registry import build_tier
+
+            factory = build_tier
+        return CascadeEngine(self.cascade, factory, telemetry=self._telemetry)
+
+    async def start(self) -> None:
+        """Wallet, chain check, engine warm-up, then the axon: ready only when every tier is."""
+        self._loop = asyncio.get_running_loop()
+        self.wallet = self._build_wallet()
+        if self.options.local:
+            view = guard_mod.MetagraphView.empty()
+            if not (self.options.allow_hotkeys or self.settings.guard.allow_hotkeys):
+                logger.warning("--local without --allow-hotkey: every request will be refused")
+        else:
+            view = await asyncio.to_thread(self._connect_chain)
+        self.guard = guard_mod.Guard(self._guard_settings(), self.hotkey, view)
+        o = self.options
+        probe_host = "0.0.0.0" if self.bind_host == "::" else self.bind_host
+        if not port_is_free(probe_host, o.axon_port):  # before minutes of model loading
+            raise OSError(f"port {o.axon_port} on {self.bind_host} is already in use")
+        self._start_telemetry()
+        self.engine = self._make_engine()
+        logger.info("loading and warming up {} tier(s) from {}", len(self.cascade.active_tiers),
+                    self.cascade.source)
+        await self.engine.start()
+        external_ip = LOCAL_HOST if o.local else o.axon_external_ip
+        self.axon = bt.Axon(wallet=self.wallet, port=o.axon_port, ip=self.bind_host,
+                            external_ip=external_ip, external_port=o.axon_external_port,
+                            max_workers=o.axon_max_workers)
+        self.axon.fast_config.host = self.bind_host
+        guard_mod.attach(self.axon, self.forward, self.guard, ImageSynapse)
+        if self.settings.extended_synapse:
+            guard_mod.attach(self.axon, self.forward_extended, self.guard, ExtendedImageSynapse)
+        self.axon.start()
+        await self._wait_listening()
+        if not o.local:  # announce only an endpoint that already answers
+            logger.info("serving axon {} on netuid {}", self.axon, o.netuid)
+            await asyncio.to_thread(self.axon.serve, netuid=o.netuid, subtensor=self.subtensor)
+            self._resync_task = asyncio.create_task(self._resync_forever(), name="metagraph-resync")
+        self.started = True
+        logger.info("miner ready on {} (hotkey {}, {})", self.address, self.hotkey,
+                    "local, no chain" if o.local else f"netuid {o.netuid}")
+
+    async def _wait_listening(self, timeout_s: float = 15.0) -> None:
+        host, _, port = self.address.rpartition(":")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"axon did not start listening on {self.address} within {timeout_s} s")
+
+    async def _resync_forever(self) -> None:
+        """Re-sync the metagraph off the loop; a failed sync keeps the last good snapshot."""
+        while True:
+            await asyncio.sleep(self.settings.metagraph_resync_s)
+            try:
+                await asyncio.to_thread(self.metagraph.sync, subtensor=self.subtensor)
+                view = guard_mod.MetagraphView.from_metagraph(self.metagraph)
+                self.guard.update(view)
+                logger.info("metagraph re-synced: {} hotkeys, {} validators; {}", len(view),
+                            view.validators, self.stats())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the chain being away must not stop serving
+                self.counters["resync_failed"] += 1
+                logger.warning("metagraph re-sync failed (keeping the last snapshot): {}", exc)
+
+    async def stop(self) -> None:
+        """Stop accepting, release the port, stop the engine. Safe to call twice."""
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+            try:
+                await self._resync_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._resync_task = None
+        if self.axon is not None:
+            self.axon.stop()
+            host, _, port = self.address.rpartition(":")
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and not port_is_free(host, int(port)):
+                await asyncio.sleep(0.05)
+            self.axon = None
+        if self.engine is not None:
+            try:
+                await self.engine.stop()
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("engine stop failed: {}", exc)
+            self.engine = None
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._telemetry is not None:
+            self._telemetry.close()
+        if self.subtensor is not None:
+            try:
+                self.subtensor.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self.started = False
+        logger.info("miner stopped; {}", self.stats())
+
+    def _start_telemetry(self) -> None:
+        """One registry for the engine's metrics and the shell's; served only when a port is set."""
+        from prometheus_client import Counter, Histogram
+
+        from cascade.telemetry import Telemetry
+
+        self._telemetry = Telemetry()
+        registry = self._telemetry.registry
+        self._m_requests = Counter("requests", "Answered requests by outcome", ["outcome"],
+                                   namespace="natix_miner", registry=registry)
+        self._m_latency = Histogram("forward_seconds", "Forward latency, decode included",
+                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 9),
+                                    namespace="natix_miner", registry=registry)
+        if self.settings.telemetry_port is not None:
+            self._telemetry.serve(self.settings.telemetry_port)
+
+    # ----- the request path -------------------------------------------------------------------
+    async def _predict(self, image: Any, deadline_s: float) -> Any:
+        """The one seam to the engine: `engine.predict(image)` on the engine's own loop."""
+        coro = self.engine.predict(image, deadline_s=deadline_s)
+        if asyncio.get_running_loop() is self._loop:
+            return await coro
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()
+
+    async def forward(self, synapse: ImageSynapse) -> ImageSynapse:
+        """Decode off the loop, ask the engine, answer a valid probability no matter what."""
+        t0 = time.monotonic()
+        self.forward_calls += 1
+        hotkey = synapse.dendrite.hotkey if synapse.dendrite is not None else None
+        budget = self.settings.request_deadline_s
+        if synapse.timeout:
+            budget = min(budget, max(0.5, float(synapse.timeout) - 1.5))
+        fallback = self.settings.fallback_probability
+        prediction, outcome = fallback, "ok"
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, decode_image, synapse.image, self.settings.decode)
+        except DecodeError as exc:
+            outcome = f"decode_{exc.reason}"
+            logger.warning("undecodable image from {}: {}", hotkey, exc)
+        except Exception as exc:  # noqa: BLE001 - never let a request crash the neuron
+            outcome = "decode_error"
+            logger.exception("decode crashed on a request from {}: {}", hotkey, exc)
+        else:
+            remaining = budget - (time.monotonic() - t0)
+            try:
+                result = await asyncio.wait_for(self._predict(image, max(0.05, remaining)),
+                                                timeout=max(0.1, remaining + 0.25))
+                prediction = float(result.prob)
+                if getattr(result, "fallback", False):
+                    outcome = "engine_fallback"
+            except asyncio.TimeoutError:
+                outcome = "deadline"
+                logger.warning("engine missed the {:.2f} s budget for {}; answering {}", budget,
+                               hotkey, fallback)
+            except Exception as exc:  # noqa: BLE001
+                outcome = "engine_error"
+                logger.error("engine failed on a request from {}: {}: {}", hotkey,
+                             type(exc).__name__, exc)
+        if not (isinstance(prediction, float) and math.isfinite(prediction)
+                and 0.0 <= prediction <= 1.0):
+            logger.error("engine answered {!r} for {}; replacing with {}", prediction, hotkey, fallback)
+            prediction, outcome = fallback, "invalid_engine_answer"
+        self.counters[outcome] += 1
+        synapse.prediction = prediction
+        synapse.image = ""
+        elapsed = time.monotonic() - t0
+        if self._telemetry is not None:
+            self._m_requests.labels(outcome).inc()
+            self._m_latency.observe(elapsed)
+        logger.debug("answered {} -> {:.4f} in {:.0f} ms ({})", hotkey, prediction, elapsed * 1e3,
+                     outcome)
+        return synapse
+
+    async def forward_extended(self, synapse: ExtendedImageSynapse) -> ExtendedImageSynapse:
+        """The `ExtendedImageSynapse` route: the same answer, plus the configured model URL."""
+        synapse = await self.forward(synapse)
+        synapse.model_url = self.settings.model_url
+        return synapse
+
+    def stats(self) -> dict[str, Any]:
+        return {"forward_calls": self.forward_calls, "outcomes": dict(self.counters),
+                "guard": self.guard.stats() if self.guard else {}}
+
+
+async def serve_until(miner: Miner, stop: asyncio.Event,
+                      on_ready: Optional[Callable[[], None]] = None,
+                      health_every_s: float = 300.0) -> None:
+    """Start `miner`, serve until `stop` is set, then stop it (also on errors during start)."""
+    try:
+        start = asyncio.create_task(miner.start())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if start not in done:  # told to stop while loading models
+            start.cancel()
+            try:
+                await start
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            return
+        waiter.cancel()
+        start.result()
+        if on_ready is not None:
+            on_ready()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=health_every_s)
+            except asyncio.TimeoutError:
+                logger.info("health: {}", miner.stats())
+    finally:
+        await miner.stop()
+
+
+class BackgroundMiner:
+    """A miner on its own thread and loop, for the `local` command and tests.
+
+    The same `Miner` and `serve_until` as `serve`; only the thread differs (signals stay with the
+    caller's main thread).
+    """
+
+    def __init__(self, miner: Miner) -> None:
+        self.miner = miner
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._thread = threading.Thread(target=self._run, name="miner", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve_until(self.miner, self._stop, on_ready=self._ready.set)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of start()
+            self._error = exc
+        finally:
+            self._done.set()
+            self._ready.set()
+
+    def start(self, timeout_s: float = 600.0) -> "BackgroundMiner":
+        """Start and wait until the axon listens; re-raise whatever stopped it from starting."""
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"miner not ready after {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        if self._done.is_set():
+            raise RuntimeError("miner exited during start-up")
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._loop is not None and self._stop is not None and not self._done.is_set():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)
+
+    def __enter__(self) -> "BackgroundMiner":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
