@@ -178,7 +178,7 @@ class OcrSignOptions:
     # Box expansion of the DB detector (PP-OCR `unclip_ratio`).
     unclip_ratio: float = 1.6
     # Longest side OCR runs at; larger images are downscaled. 1024 read as many dev-set signs as
-    # 1408 or 1920 at about half the CPU time (docs/readme/cues.md).
+    # 1408 or 1920 at about half the CPU time (README, "Cue tiers").
     max_side: int = 1024
     # Smaller images are upscaled until their shorter side reaches this (capped by max_side).
     min_side: int = 512
