@@ -296,8 +296,11 @@ class ThresholdMap:
         t = float(d["t_star"])
         if not 0.0 < t < 1.0:
             raise ValueError(f"t_star must be in (0, 1), got {t}")
+        eps = float(d.get("eps", THRESHOLD_EPS))
+        if not 0.0 <= eps < 0.5:  # eps < 0 moves the decision off t*; eps >= 0.5 breaks monotonicity
+            raise ValueError(f"eps must be in [0, 0.5), got {eps}")
         reward = d.get("reward")
-        return ThresholdMap(t, float(d.get("eps", THRESHOLD_EPS)), None if reward is None else float(reward))
+        return ThresholdMap(t, eps, None if reward is None else float(reward))
 
 
 IDENTITY_MAP = ThresholdMap(0.5, 0.0)

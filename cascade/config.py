@@ -305,8 +305,8 @@ class EngineConfig:
         if not 0.0 <= self.fallback_probability <= 1.0:
             raise ConfigError(source, f"{prefix}.fallback_probability", "a number in [0, 1]",
                               self.fallback_probability)
-        if self.deadline_ms <= 0:
-            raise ConfigError(source, f"{prefix}.deadline_ms", "a number > 0", self.deadline_ms)
+        if not 0 < self.deadline_ms < float("inf"):  # NaN or inf would void the deadline guarantee
+            raise ConfigError(source, f"{prefix}.deadline_ms", "a finite number > 0", self.deadline_ms)
         if self.threads_per_device < 1:
             raise ConfigError(source, f"{prefix}.threads_per_device", "an integer >= 1",
                               self.threads_per_device)

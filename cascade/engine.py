@@ -101,6 +101,12 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self.probe_in_flight = False
 
+    def abandon_probe(self) -> None:
+        """The half-open probe's requester went away (cancelled) before a verdict: without this
+        the breaker would wait forever for a probe that never reports, keeping the tier out."""
+        if self.state == "half_open":
+            self.probe_in_flight = False
+
     def record_failure(self) -> None:
         self.consecutive_failures += 1
         self.probe_in_flight = False
@@ -464,10 +470,17 @@ class CascadeEngine:
                 skipped[runner.name] = "breaker"
                 self.telemetry.tier_skipped.labels(runner.name, "breaker").inc()
                 continue
+            is_probe = runner.breaker.state == "half_open"
             asked.append(runner.name)
             fut = runner.submit(image)
             limit = remaining if runner.timeout_s is None else min(remaining, runner.timeout_s)
-            done, _ = await asyncio.wait({fut}, timeout=limit)
+            try:
+                done, _ = await asyncio.wait({fut}, timeout=limit)
+            except asyncio.CancelledError:  # the caller gave up (e.g. the shell's wait_for)
+                fut.cancel()  # the batcher skips it if still queued
+                if is_probe:
+                    runner.breaker.abandon_probe()
+                raise
             if not done:
                 fut.cancel()  # the batcher skips it if still queued; a late result is discarded
                 by_deadline = runner.timeout_s is None or runner.timeout_s >= remaining
@@ -493,7 +506,8 @@ class CascadeEngine:
                 break
 
         if conditions is None:
-            conditions = cond_fut.result() if cond_fut.done() and not cond_fut.exception() else {}
+            conditions = cond_fut.result() if cond_fut.done() and not cond_fut.cancelled() \
+                and cond_fut.exception() is None else {}
             if not cond_fut.done():
                 cond_fut.cancel()
         fallback = fused is None or not math.isfinite(fused)
@@ -514,7 +528,7 @@ class CascadeEngine:
 
     async def _await_conditions(self, fut: "asyncio.Future[dict]", deadline: float) -> dict[str, Any]:
         left = deadline - time.monotonic()
-        if left <= 0 and not fut.done():
+        if (left <= 0 and not fut.done()) or fut.cancelled():  # cancelled: stop() dropped the work
             return {}
         try:
             return await asyncio.wait_for(asyncio.shield(fut), max(left, 0.0))

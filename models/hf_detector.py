@@ -13,6 +13,7 @@ Boxes of configured roadwork classes become one probability in `models.detection
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,7 +34,8 @@ class Options:
 
     # Boxes -> probability (roadwork class names, min score, min area, top_k, prior).
     evidence: EvidenceOptions = field(default_factory=EvidenceOptions)
-    # RT-DETR/D-FINE score with a sigmoid per class (focal loss); DETR-style models use softmax.
+    # RT-DETR/D-FINE score with a sigmoid per class (focal loss); DETR-style models use softmax
+    # (their post-processing has no such flag: it is passed only where the processor takes it).
     use_focal_loss: bool = True
     # Load even if none of roadwork_classes is a label of the checkpoint (the tier then only
     # ever answers `prior`; useful for smoke tests of a COCO checkpoint, never for serving).
@@ -78,9 +80,10 @@ class HFDetectorTier(Tier):
         # Upcast what post-processing reads, so bf16 logits do not lose small scores.
         outputs.logits = outputs.logits.float()
         outputs.pred_boxes = outputs.pred_boxes.float()
-        results = self.processor.post_process_object_detection(
-            outputs, threshold=self.options.evidence.min_score, target_sizes=sizes,
-            use_focal_loss=self.options.use_focal_loss)
+        post = self.processor.post_process_object_detection
+        extra = ({"use_focal_loss": self.options.use_focal_loss}
+                 if "use_focal_loss" in inspect.signature(post).parameters else {})
+        results = post(outputs, threshold=self.options.evidence.min_score, target_sizes=sizes, **extra)
         id2label = self.model.config.id2label
         out = []
         for im, res in zip(images, results):

@@ -114,6 +114,14 @@ def prob_from_logits(logits: Sequence[float] | np.ndarray, yes_ids: Sequence[int
                                                "answer_mass": round(math.exp(lp_yes) + math.exp(lp_no), 4)}
 
 
+def _absent_bound(listed: Sequence[float]) -> float:
+    """Upper bound on the logprob of a token missing from a top-k: at most the smallest listed
+    one and at most the mass the listed tokens leave (with top_logprobs=1 the smallest listed
+    is the answer itself, and a confident "No" alone would otherwise score 0.5)."""
+    rest = 1.0 - sum(math.exp(v) for v in listed)
+    return min(min(listed), math.log(max(rest, 1e-12)))
+
+
 def _combine(yes: list[float], no: list[float], floor: float) -> tuple[float, dict]:
     """Yes/no logprob lists of a top-k -> probability; an absent side is bounded by `floor`."""
     if not yes and not no:
@@ -139,7 +147,7 @@ def prob_from_top_logprobs(top: Mapping[str, float] | Sequence[tuple[str, float]
     if not yes and not no:
         shown = [tok for tok, _ in items[:5]]
         raise ValueError(f"neither Yes nor No among the top {len(items)} tokens {shown}")
-    return _combine(yes, no, min(lp for _, lp in items))
+    return _combine(yes, no, _absent_bound([lp for _, lp in items]))
 
 
 def prob_from_id_logprobs(logprobs: Mapping[int, float], yes_ids: Sequence[int],
@@ -150,7 +158,7 @@ def prob_from_id_logprobs(logprobs: Mapping[int, float], yes_ids: Sequence[int],
     yes_set, no_set = set(yes_ids), set(no_ids)
     yes = [lp for tid, lp in logprobs.items() if tid in yes_set]
     no = [lp for tid, lp in logprobs.items() if tid in no_set]
-    return _combine(yes, no, min(logprobs.values()))
+    return _combine(yes, no, _absent_bound(list(logprobs.values())))
 
 
 def shrink(image: Image.Image, max_side: int) -> Image.Image:

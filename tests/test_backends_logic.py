@@ -107,6 +107,11 @@ def test_prob_from_top_logprobs_sums_variants_and_bounds_a_missing_side():
     only_yes = [("Yes", math.log(0.9)), ("The", math.log(0.01))]
     p, ev = prob_from_top_logprobs(only_yes)
     assert ev["bounded"] is True and p == pytest.approx(0.9 / 0.91)  # no <= smallest listed
+    # top_logprobs=1: the absent side is bounded by the mass left, not by the answer itself
+    p, ev = prob_from_top_logprobs([("No", math.log(0.99))])
+    assert ev["bounded"] is True and p == pytest.approx(0.01)
+    p, _ = prob_from_id_logprobs({11: math.log(0.98)}, yes_ids=[11], no_ids=[20])
+    assert p == pytest.approx(0.98)
     with pytest.raises(ValueError, match="neither Yes nor No"):
         prob_from_top_logprobs({"The": -0.1, "A": -2.0})
     with pytest.raises(ValueError):

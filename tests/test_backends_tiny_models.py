@@ -421,6 +421,18 @@ def test_detector_refuses_checkpoint_without_roadwork_classes(tiny):
         tier.load("cpu")
 
 
+def test_detector_post_processing_without_focal_loss_flag(tiny, tmp_path):
+    # DETR/YOLOS-style processors have no `use_focal_loss` argument; passing it raised a
+    # TypeError on every batch, so such a checkpoint could never warm up.
+    from transformers.models.detr.image_processing_pil_detr import DetrImageProcessorPil
+
+    tier = registry.build_tier(spec("det.detr", "hf_detector", tiny["rtdetr"], tmp_path, **ANY_BOX))
+    tier.load("cpu")
+    tier.processor = DetrImageProcessorPil(size={"height": 64, "width": 64})
+    check_outputs(tier.predict(images(2)), 2)
+    tier.close()
+
+
 def test_transformers_vlm_reads_answer_tokens(tiny):
     from models.vlm_transformers import TransformersVLMTier
 

@@ -125,6 +125,10 @@ def test_malformed_file_names_file_and_key(tmp_path):
     path.write_text(json.dumps({"version": 1, "threshold_map": {"t_star": 1.5}}))
     with pytest.raises(ConfigError, match="threshold_map"):
         CalibrationSet.load(path)
+    for eps in (-0.01, 0.6, float("nan")):  # would move the decision off t* or break monotonicity
+        path.write_text(json.dumps({"version": 1, "threshold_map": {"t_star": 0.6, "eps": eps}}))
+        with pytest.raises(ConfigError, match="threshold_map"):
+            CalibrationSet.load(path)
 
 
 def test_threshold_map_rejects_nan():

@@ -24,6 +24,9 @@ def test_unknown_key_is_named(tmp_path):
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'engine.deadline_ms': expected a number, got 'fast'"):
         load(tmp_path, {"engine": {"deadline_ms": "fast"}, "tiers": [TIER]})
+    for bad in (0, float("nan"), float("inf")):  # the deadline guarantee needs a finite budget
+        with pytest.raises(ConfigError, match=r"key 'engine.deadline_ms'"):
+            load(tmp_path, {"engine": {"deadline_ms": bad}, "tiers": [TIER]})
     with pytest.raises(ConfigError, match=r"key 'tiers\[0\].calibration'"):
         load(tmp_path, {"tiers": [{**TIER, "calibration": "beta"}]})
     with pytest.raises(ConfigError, match=r"key 'devices.cuda:0.memory_gib'"):

@@ -172,6 +172,33 @@ async def test_raising_tier_is_isolated_and_breaker_opens_then_closes(tmp_path):
     assert eng.telemetry.value("cascade_tier_failures_total", {"tier": "flaky.b", "kind": "error"}) == 2
 
 
+async def test_cancelled_probe_does_not_keep_the_breaker_half_open(tmp_path):
+    # the shell wraps predict in wait_for: a probe whose caller is cancelled never reports a
+    # verdict, and the breaker must then let the next request probe instead of waiting forever
+    mode = {"fail": True, "slow": False}
+
+    def fail():
+        if mode["slow"]:
+            time.sleep(0.3)
+        return RuntimeError("boom") if mode["fail"] else None
+
+    eng, made = make_engine(tmp_path, {"flaky.a": {"prob": 0.9, "fail": fail}},
+                            engine={"breaker": {"failures_to_open": 1, "cooldown_s": 0.05}})
+    async with eng:
+        res = await eng.predict(image())
+        assert res.failed == ["flaky.a"] and eng.health()["tiers"]["flaky.a"]["breaker"] == "open"
+        await asyncio.sleep(0.1)
+        mode.update(fail=False, slow=True)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(eng.predict(image()), 0.1)  # the probe, cancelled
+        assert eng.health()["tiers"]["flaky.a"]["breaker"] == "half_open"
+        await asyncio.sleep(0.3)
+        mode["slow"] = False
+        res = await eng.predict(image())  # a new probe is let through and closes the breaker
+        assert res.skipped == {} and res.tier_probs == {"flaky.a": pytest.approx(0.9)}
+        assert eng.health()["tiers"]["flaky.a"]["breaker"] == "closed"
+
+
 @pytest.mark.parametrize("bad", [
     lambda ims: [TierOutput(float("nan"))] * len(ims),
     lambda ims: [TierOutput(-1.0)] * len(ims),
@@ -293,3 +320,11 @@ async def test_tier_outputs_runs_every_tier(tmp_path):
     async with eng:
         outs = await eng.tier_outputs(image())
     assert outs["fast.a"].prob == 0.99 and outs["slow.b"].prob == 0.2
+
+
+async def test_cancelled_condition_estimate_is_no_conditions_not_a_cancellation(tmp_path):
+    # stop() cancels queued aux work; a request still in flight must not see CancelledError
+    eng, _ = make_engine(tmp_path, {"fast.a": {"prob": 0.9}})
+    fut = asyncio.get_running_loop().create_future()
+    fut.cancel()
+    assert await eng._await_conditions(fut, time.monotonic() + 1.0) == {}
