@@ -324,6 +324,7 @@ class CascadeEngine:
         if calibration is None:
             calibration = CalibrationSet.load(self.config.resolve(self.config.engine.calibration))
         self.calibration = calibration
+        self._weights = self._consensus_weights()
         self.router = Router(self.config.router,
                              threshold=calibration.decision_threshold(self.config.router.threshold))
         return calibration
@@ -430,9 +431,17 @@ class CascadeEngine:
 
     def _fuse(self, cal: dict[str, float]) -> float:
         names = list(cal)
-        priors = {r.name: r.spec.weight for r in self._runners}
-        return weighted_geometric_mean([cal[n] for n in names],
-                                       [self.calibration.weight(n, priors.get(n, 1.0)) for n in names])
+        return weighted_geometric_mean([cal[n] for n in names], [self._weights[n] for n in names])
+
+    def _consensus_weights(self) -> dict[str, float]:
+        """Fitted weights where the calibration has them; config priors, rescaled onto the fitted
+        scale, for tiers it does not know (fitted weights sum to 1, priors are often 1 each, so
+        an unscaled prior of a tier added after calibrating would outvote every fitted tier)."""
+        priors = {t.name: t.weight for t in self.config.active_tiers}
+        fitted = {n: w for n, w in self.calibration.weights.items() if n in priors}
+        prior_mass = sum(priors[n] for n in fitted)
+        scale = sum(fitted.values()) / prior_mass if fitted and prior_mass > 0 else 1.0
+        return {n: fitted.get(n, p * scale) for n, p in priors.items()}
 
     async def predict(self, image: Image.Image, deadline_s: Optional[float] = None) -> CascadeResult:
         """Answer one image within `deadline_s` (default: the config's `deadline_ms`)."""

@@ -122,6 +122,20 @@ async def test_uncertain_first_tier_escalates_and_fuses(tmp_path):
     assert eng.telemetry.value("cascade_escalations_total") == 1
 
 
+async def test_tier_missing_from_calibration_enters_on_the_fitted_weight_scale(tmp_path):
+    # Fitted weights sum to 1; a tier added after calibrating keeps its prior's share relative to
+    # the fitted tiers' priors (here 1:1 with fast.a's prior, so it weighs what fast.a was given).
+    cal = CalibrationSet(weights={"fast.a": 0.2})
+    eng, _ = make_engine(tmp_path, {"fast.a": {"prob": 0.55}, "new.b": {"prob": 0.9}},
+                         tiers=[{"name": "fast.a", "weight": 1.0}, {"name": "new.b", "weight": 1.0}],
+                         calibration=cal)
+    async with eng:
+        res = await eng.predict(image())
+    a = 0.55 ** 0.5 * 0.9 ** 0.5
+    b = 0.45 ** 0.5 * 0.1 ** 0.5
+    assert res.prob == pytest.approx(a / (a + b))
+
+
 async def test_slow_tier_does_not_delay_answer_past_deadline(tmp_path):
     eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.6}, "slow.b": {"prob": 0.9, "delay_s": 3.0}})
     async with eng:
