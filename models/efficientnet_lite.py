@@ -29,6 +29,7 @@ from PIL import Image
 from cascade.config import TierSpec
 from cascade.errors import ConfigError
 from cascade.tier import TierOutput, TrainableTier
+from models._torch_utils import per_item, resolve_device
 from models.heads import HEAD_KINDS, HeadMixin
 
 
@@ -186,7 +187,7 @@ class EfficientNetLiteTier(HeadMixin, TrainableTier):
         if self.options.threads > 0:
             torch.set_num_threads(self.options.threads)
         model = load_backbone_weights(self.defaults)
-        self._torch_device = device if device != "cuda" else "cuda:0"
+        self._torch_device = resolve_device(device)
         self.model = model.to(self._torch_device)
         self.device = device
 
@@ -264,16 +265,7 @@ class EfficientNetLiteTier(HeadMixin, TrainableTier):
     def predict(self, images: Sequence[Image.Image]) -> list[TierOutput | Exception]:
         if self.head is None:
             return [RuntimeError(f"tier {self.name}: head not loaded")] * len(images)
-        try:
-            return self._predict_batch(images)
-        except Exception:  # isolate the failing item(s): score one by one
-            out: list[TierOutput | Exception] = []
-            for im in images:
-                try:
-                    out.extend(self._predict_batch([im]))
-                except Exception as exc:  # noqa: BLE001 - per-item error by contract
-                    out.append(exc)
-            return out
+        return per_item(images, self._predict_batch)
 
     def _predict_batch(self, images: Sequence[Image.Image]) -> list[TierOutput]:
         feats, tiles = self._embed_with_tiles(images)
