@@ -460,6 +460,7 @@ class BackgroundMiner:
         """Start and wait until the axon listens; re-raise whatever stopped it from starting."""
         self._thread.start()
         if not self._ready.wait(timeout_s):
+            self.stop()  # cancel the start-up so the thread, the engine and the port are released
             raise TimeoutError(f"miner not ready after {timeout_s} s")
         if self._error is not None:
             raise self._error

@@ -59,14 +59,17 @@ def verify_registration(payload: dict[str, Any], *, now: Optional[float] = None,
                         max_age_s: float = MAX_MESSAGE_AGE_S) -> Optional[str]:
     """None if a registration body is well-formed, fresh and signed by its public key; else why.
 
-    This is the server's side of the exchange; the tests' loopback server and `--dry-run` use it.
+    This is the server's side of the exchange (the tests' loopback server uses it). Never raises
+    on a malformed body: the answer says what is wrong.
     """
     required = ("uid", "message", "natix_public_key", "natix_signature", "type")
-    missing = [k for k in required if not payload.get(k)]
+    missing = [k for k in required if payload.get(k) in (None, "")]   # uid 0 is a real uid
     if missing:
         return f"missing fields {missing}"
     if payload["type"] == "miner" and not payload.get("model_repo"):
         return "a miner registration needs model_repo"
+    if not isinstance(payload["message"], str):   # the signature is over the text's bytes
+        return "message must be the signed timestamp as text"
     try:
         ts = int(payload["message"])
     except (TypeError, ValueError):

@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from natix_miner.metrics import binarize, mcc_from_counts
+from natix_miner.metrics import binarize
+from natix_miner.metrics import mcc as metrics_mcc
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,7 @@ def window_mcc(labels: Sequence[int], answers: Sequence[float]) -> float:
     p = np.asarray([_as_prediction(a, l) for a, l in zip(answers, labels)], dtype=np.int64)
     if y.size == 0 or len(np.unique(y)) < 2 or len(np.unique(p)) < 2:
         return 0.0
-    tn = float(np.sum((y == 0) & (p == 0)))
-    fp = float(np.sum((y == 0) & (p == 1)))
-    fn = float(np.sum((y == 1) & (p == 0)))
-    tp = float(np.sum((y == 1) & (p == 1)))
-    return max(0.0, mcc_from_counts(tn, fp, fn, tp))
+    return max(0.0, metrics_mcc(y, p))
 
 
 def window_accuracy(labels: Sequence[int], answers: Sequence[float]) -> float:

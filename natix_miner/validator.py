@@ -31,8 +31,7 @@ from natix_miner import challenge as ch
 from natix_miner.dataset import load_folder, select
 from natix_miner.metrics import binarize, mcc
 from natix_miner.scoring import DEFAULT_RULES, ScoreTracker, ScoringRules, is_valid_answer
-
-VALIDATOR_TIMEOUT_S = 9.0
+from natix_miner.settings import VALIDATOR_TIMEOUT_S
 
 
 class ValidationError(RuntimeError):
@@ -90,9 +89,16 @@ def resolve_miner_hotkey(host: str, port: int, *, hotkey: Optional[str] = None,
         try:
             return w.hotkeypub.ss58_address
         except Exception:   # older wallets have no hotkeypub file: the hotkey file itself
-            return w.hotkey.ss58_address
+            try:
+                return w.hotkey.ss58_address
+            except Exception as exc:  # noqa: BLE001 - bittensor's KeyFileError and friends
+                raise ValidationError(f"cannot read hotkey '{wallet_hotkey or 'default'}' of "
+                                      f"wallet '{wallet_name}': {exc}") from None
     if network and netuid is not None:
-        ip = socket.gethostbyname(host)
+        try:
+            ip = socket.gethostbyname(host)
+        except OSError as exc:
+            raise ValidationError(f"cannot resolve the axon host {host!r}: {exc}") from None
         try:
             metagraph = bt.Subtensor(network=network).metagraph(netuid)
         except Exception as exc:

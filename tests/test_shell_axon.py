@@ -211,14 +211,18 @@ async def test_bad_images_get_the_fallback_and_the_miner_survives(world, kind):
         "huge": "A" * 500_000,
         "bomb": _png_bomb(9000, 9000),
     }[kind]
+    reason = {"empty": "empty", "garbage": "unknown_format", "not_base64": "bad_base64",
+              "truncated": "corrupt", "huge": "too_long", "bomb": "too_many_pixels"}[kind]
     miner = world["miner"]
+    before = miner.counters[f"decode_{reason}"]
     resp = await query(world, "validator", image)
     assert resp.dendrite.status_code == 200, resp.dendrite.status_message
     assert resp.prediction == miner.settings.fallback_probability
     # Still serving normally afterwards.
     again = await query(world, "validator", good)
     assert again.dendrite.status_code == 200 and valid(again.prediction)
-    assert any(k.startswith("decode_") for k in miner.counters)
+    # Refused by decode for the right reason (not, say, an engine failure that also answers 0.5).
+    assert miner.counters[f"decode_{reason}"] == before + 1
 
 
 async def test_stop_releases_the_port(tmp_path, make_wallet):
@@ -260,3 +264,34 @@ def test_wire_fields_are_exact():
     assert fields == {"image": (str, ""), "prediction": (float, -1.0), "testnet_label": (int, -1)}
     assert ImageSynapse.__name__ == "ImageSynapse"
     assert ImageSynapse(prediction=0.25).deserialize() == 0.25
+
+
+class _SlowLoadingTier:
+    """A tier whose load outlasts the caller's patience (stands in for minutes of model loading)."""
+
+    def __new__(cls, spec):
+        from cascade.tier import Tier, TierOutput
+
+        class Slow(Tier):
+            def load(self, device: str) -> None:
+                import time
+
+                time.sleep(1.5)
+
+            def predict(self, images):
+                return [TierOutput(prob=0.5) for _ in images]
+
+        return Slow(spec)
+
+
+def test_start_timeout_releases_the_thread_and_never_serves(tmp_path):
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    settings, cascade = load_settings(tmp_path / "cfg.yaml")
+    port = _port()
+    miner = Miner(settings, cascade, NeuronOptions(netuid=72, local=True, axon_port=port),
+                  tier_factory=_SlowLoadingTier)
+    runner = BackgroundMiner(miner)
+    with pytest.raises(TimeoutError):
+        runner.start(timeout_s=0.3)
+    assert not runner._thread.is_alive()      # start-up cancelled, not left running
+    assert miner.axon is None and port_is_free("127.0.0.1", port)

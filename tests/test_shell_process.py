@@ -105,3 +105,13 @@ def test_help_lists_bittensor_flags():
                  "--axon.port", "--axon.external_ip", "--logging.debug", "--local",
                  "--allow-hotkey", "--config"):
         assert flag in out
+
+
+def test_tier_start_failures_are_one_clear_line_and_exit_1(capsys):
+    from cascade.engine import TierStartError
+    from natix_miner.commands.serve import EXIT_FAILED, report_start_failure
+
+    exc = TierStartError("tier big (vlm) failed to start on cuda:0: out of memory")
+    assert report_start_failure(exc) == EXIT_FAILED
+    assert "error: tier big (vlm) failed to start" in capsys.readouterr().err
+    assert report_start_failure(RuntimeError("a bug")) < 0      # unknown errors still raise

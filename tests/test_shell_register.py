@@ -13,7 +13,8 @@ from bittensor_wallet import Keypair
 
 from natix_miner.commands import model_card, register
 from natix_miner.model_card import build_model_card, validate_model_card
-from natix_miner.registration import btcli_register_command, registration_payload
+from natix_miner.registration import (btcli_register_command, registration_payload,
+                                      verify_registration)
 
 
 class AppServer:
@@ -31,11 +32,9 @@ class AppServer:
     async def register(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.received.append(body)
-        key = Keypair(ss58_address=body["natix_public_key"])
-        fresh = abs(time.time() - int(body["message"])) < 60
-        signed = key.verify(body["message"].encode(), bytes.fromhex(body["natix_signature"]))
-        if not (fresh and signed and body["type"] == "miner" and body.get("model_repo")):
-            return web.json_response({"detail": "bad signature"}, status=401)
+        problem = verify_registration(body, max_age_s=60)
+        if problem is not None or body["type"] != "miner":
+            return web.json_response({"detail": problem or "not a miner"}, status=401)
         return web.json_response({"detail": "Registration enqueued and will be processed shortly."})
 
     async def status(self, request: web.Request) -> web.Response:
@@ -163,7 +162,13 @@ def test_model_card_command_writes_a_valid_card(wallet, tmp_path, capsys):
     assert card["submitted_by"] == wallet.hotkey.ss58_address
     assert card["version"] == "1.2.3"
     assert isinstance(card["submission_time"], int) and abs(card["submission_time"] - time.time()) < 60
-    assert "effnet" in card["description"] or card["description"]
+    # The default description names the default config's enabled tiers.
+    from cascade.config import load_cascade_config
+    from natix_miner.cli import DEFAULT_CONFIG
+    from natix_miner.settings import resolve_config_path
+
+    tiers = load_cascade_config(resolve_config_path(DEFAULT_CONFIG)).active_tiers
+    assert tiers and all(f"{t.name} ({t.backend})" in card["description"] for t in tiers)
 
 
 def test_model_card_validation():
@@ -176,3 +181,25 @@ def test_model_card_validation():
     with pytest.raises(ValueError, match="ss58"):
         build_model_card(model_name="m", description="d", version="1.0.0", hotkey_ss58="nope")
     assert validate_model_card({**card, "submission_time": "now"})
+
+
+def test_verify_registration_answers_every_malformed_body():
+    kp = Keypair.create_from_uri("//Alice")
+    good = registration_payload(kp, 0, "me/x", timestamp=1_700_000_000)
+    assert verify_registration(good, now=1_700_000_010) is None          # uid 0 is a real uid
+    assert "away from now" in verify_registration(good, now=1_700_001_000)
+    cases = {"message": 1_700_000_000, "natix_signature": 5, "natix_public_key": 7,
+             "model_repo": "", "uid": None}
+    for key, value in cases.items():
+        problem = verify_registration({**good, key: value}, now=1_700_000_010)
+        assert isinstance(problem, str) and problem, key
+    other = Keypair.create_from_uri("//Bob").ss58_address
+    assert "does not match" in verify_registration({**good, "natix_public_key": other},
+                                                   now=1_700_000_010)
+
+
+def test_unusable_app_server_url_is_an_error_not_a_traceback(wallet, capsys):
+    code = cli(["register", "--skip-chain", "--uid", "1", "--model-repo", "me/x",
+                "--app-server", "notaurl", *wallet_flags(wallet)])
+    assert code == 1
+    assert "error: application server" in capsys.readouterr().err

@@ -81,6 +81,14 @@ async def test_same_view_per_image_and_cache_reuse(setup, tmp_path):
     r2 = await evaluation.run_eval(config, [images], split="all", era="letterbox", progress=False)
     assert r1 == r2
     assert len(json.loads(cache_file.read_text())) == 10       # all hits, nothing new
+    # The second run really reads the cache: overwrite every cached raw output with one constant
+    # and the tier's own figures collapse to chance (all ties), while the cascade (never cached)
+    # is unchanged.
+    assert r1["tiers"]["hazard_cues.handset"]["auc"] != pytest.approx(0.5)
+    cache_file.write_text(json.dumps({k: 0.9 for k in cached}))
+    r3 = await evaluation.run_eval(config, [images], split="all", era="letterbox", progress=False)
+    assert r3["tiers"]["hazard_cues.handset"]["auc"] == pytest.approx(0.5)
+    assert r3["cascade"] == r1["cascade"]
 
 
 def test_calibrate_writes_the_engine_file_and_reports_holdout(setup, tmp_path, capsys):

@@ -113,3 +113,10 @@ def test_axon_address_and_hotkey_resolution(tmp_path, make_wallet):
     assert resolve_miner_hotkey("127.0.0.1", 1, hotkey="5Fabc") == "5Fabc"
     with pytest.raises(ValidationError, match="--hotkey"):
         resolve_miner_hotkey("127.0.0.1", 1)
+
+
+def test_unreadable_miner_wallet_and_unknown_host_are_validation_errors(tmp_path):
+    with pytest.raises(ValidationError, match="cannot read hotkey"):
+        resolve_miner_hotkey("127.0.0.1", 1, wallet_name="absent", wallet_path=str(tmp_path))
+    with pytest.raises(ValidationError, match="cannot resolve"):
+        resolve_miner_hotkey("no-such-host.invalid", 1, network="test", netuid=323)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from cascade.config import CALIBRATION_METHODS
 from natix_miner.commands.evaluate import add_common_arguments
 
 
@@ -20,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                     "loads. A per-label random part of the images is held out of the fit and the "
                     "ECE before/after and the expected reward are reported on it.")
     add_common_arguments(p, default_split="val")
-    p.add_argument("--method", default=None, choices=["isotonic", "platt", "temperature", "identity"],
+    p.add_argument("--method", default=None, choices=list(CALIBRATION_METHODS),
                    help="calibration method for every tier (default: each tier's `calibration:` "
                         "key in the config, temperature unless set)")
     p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
@@ -37,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.engine import TierStartError
     from cascade.errors import ConfigError, MissingArtifactError
+    from cascade.placement import PlacementError
     from natix_miner.dataset import DatasetError
     from natix_miner.evaluation import format_calibration, run_calibration
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     except MissingArtifactError as exc:
         logger.error("{}", exc)
         return 2
-    except (ConfigError, DatasetError, ValueError) as exc:
+    except (ConfigError, DatasetError, ValueError, TierStartError, PlacementError) as exc:
         logger.error("calibrate failed: {}", exc)
         return 2
     print(format_calibration(summary))

@@ -56,7 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.engine import TierStartError
     from cascade.errors import ConfigError, MissingArtifactError
+    from cascade.placement import PlacementError
     from natix_miner.dataset import DatasetError
     from natix_miner.evaluation import format_report, run_eval
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except MissingArtifactError as exc:
         logger.error("{}", exc)
         return 2
-    except (ConfigError, DatasetError, ValueError) as exc:
+    except (ConfigError, DatasetError, ValueError, TierStartError, PlacementError) as exc:
         logger.error("eval failed: {}", exc)
         return 2
     print(format_report(rep))

@@ -10,6 +10,9 @@ p50/p99 and the count of invalid answers.
 When the config's trained head does not exist yet, it is trained first from the folder's
 `train` split (what `natix-miner train` does), and the challenges are drawn from the `val`
 split so the report is on images the head never saw.
+
+Exit codes: 0 after the report; 1 when training, the images, the port or every answer failed;
+2 for a config error, or a missing artefact with --no-train.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from natix_miner.challenge import ERA_CHOICES
 from natix_miner.commands.serve import (EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_arg,
                                         add_logging_args, configure_logging, report_start_failure)
 
@@ -32,12 +36,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     add_config_arg(parser)
     parser.add_argument("--images", required=True, type=Path, metavar="DIR",
                         help="labelled image folder (manifest.csv, or roadwork/ + no_roadwork/)")
-    parser.add_argument("--era", default="mixed",
+    parser.add_argument("--era", default="mixed", choices=ERA_CHOICES,
                         help="validator image era: augmented, letterbox, raw, or mixed (default mixed)")
     parser.add_argument("-n", "--n", type=int, default=100, dest="n",
                         help="number of challenges (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="challenge draw seed (default 0)")
-    parser.add_argument("--split", default="val",
+    parser.add_argument("--split", default="val", choices=["val", "train", "all"],
                         help="split the challenges are drawn from: val, train or all (default val)")
     parser.add_argument("--axon.port", type=int, default=None, metavar="PORT",
                         help="port of the local axon (default: any free port)")
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"miner {miner.hotkey} serving on {miner.address} (local, no chain); "
               f"validator {validator.hotkey.ss58_address}", file=sys.stderr)
         try:
-            asyncio.run(run_validation(
+            report = asyncio.run(run_validation(
                 miner.address, args.images, era=args.era, n=args.n, seed=args.seed,
                 split=None if args.split == "all" else args.split, hotkey=miner.hotkey,
                 wallet=validator, external_ip="127.0.0.1", json_path=args.json,
@@ -147,4 +151,5 @@ def run(args: argparse.Namespace) -> int:
         finally:
             logger.info("miner counters: {}", miner.stats())
             runner.stop()
-    return EXIT_OK
+    # As `validate`: a miner that answered nothing valid is a failure, whatever the table says.
+    return EXIT_FAILED if report["overall"]["invalid"] == report["n"] else EXIT_OK

@@ -11,8 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from natix_miner.commands.register import add_wallet_args
-from natix_miner.commands.serve import EXIT_CONFIG, EXIT_OK, add_config_arg
+from natix_miner.commands.serve import EXIT_CONFIG, EXIT_OK, add_config_arg, add_wallet_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:

@@ -19,19 +19,8 @@ import shutil
 import subprocess
 import sys
 
-from natix_miner.commands.serve import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_arg
-
-
-def add_wallet_args(parser: argparse.ArgumentParser) -> None:
-    import os
-
-    env = os.environ
-    parser.add_argument("--wallet.name", default=env.get("BT_WALLET_NAME", "default"),
-                        metavar="NAME", help="coldkey wallet name (default 'default')")
-    parser.add_argument("--wallet.hotkey", default=env.get("BT_WALLET_HOTKEY", "default"),
-                        metavar="NAME", help="hotkey name inside the wallet (default 'default')")
-    parser.add_argument("--wallet.path", default=env.get("BT_WALLET_PATH", "~/.bittensor/wallets/"),
-                        metavar="DIR", help="wallets directory (default ~/.bittensor/wallets/)")
+from natix_miner.commands.serve import (EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_arg,
+                                        add_wallet_args)
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -65,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     parser.add_argument("--skip-app-server", action="store_true",
                         help="skip the NATIX application server registration")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the btcli command and the signed JSON; run and send nothing")
+                        help="print the btcli command and the signed JSON; run and send nothing "
+                             "(without --uid the uid is still read from the chain)")
     parser.set_defaults(func=run)
     return parser
 
@@ -142,12 +132,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  status: {status} {json.dumps(body) if not isinstance(body, str) else body}",
               flush=True)
 
+    import aiohttp
+
     try:
         result = asyncio.run(register_with_app_server(
             args.app_server, payload, poll_interval_s=args.poll_interval,
             timeout_s=args.poll_timeout, register_path=args.register_path,
             status_path=args.status_path, on_status=on_status))
-    except (RegistrationError, OSError, asyncio.TimeoutError) as exc:
+    except (RegistrationError, OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
         print(f"error: application server: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if result.status == "succeeded":

@@ -7,8 +7,8 @@ not pay for importing bittensor. `--netuid` defaults to `miner.netuid` of the co
 to bittensor's silent 1.
 
 Exit codes: 0 after a clean SIGTERM/SIGINT shutdown; 1 when the hotkey is not registered, the
-wallet is missing or the port is taken; 2 for a config error or a missing trained artefact (the
-message names the command that makes it).
+wallet is missing, the port is taken, the tiers do not fit the devices or one fails to load; 2 for
+a config error or a missing trained artefact (the message names the command that makes it).
 """
 
 import argparse
@@ -28,6 +28,18 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
                         help=f"root YAML config (miner: section + cascade); default {DEFAULT_CONFIG}")
+
+
+def add_wallet_args(parser: argparse.ArgumentParser) -> None:
+    """bittensor's wallet flags (and BT_WALLET_* environment defaults); `register` and
+    `model-card` take the same ones."""
+    env = os.environ
+    parser.add_argument("--wallet.name", default=env.get("BT_WALLET_NAME", "default"),
+                        metavar="NAME", help="coldkey wallet name (default 'default')")
+    parser.add_argument("--wallet.hotkey", default=env.get("BT_WALLET_HOTKEY", "default"),
+                        metavar="NAME", help="hotkey name inside the wallet (default 'default')")
+    parser.add_argument("--wallet.path", default=env.get("BT_WALLET_PATH", "~/.bittensor/wallets/"),
+                        metavar="DIR", help="wallets directory (default ~/.bittensor/wallets/)")
 
 
 def add_axon_args(parser: argparse.ArgumentParser) -> None:
@@ -64,12 +76,7 @@ def add_neuron_args(parser: argparse.ArgumentParser) -> None:
                                              "(default finney)")
     parser.add_argument("--subtensor.chain_endpoint", default=None, metavar="URL",
                         help="explicit ws(s):// endpoint; overrides --subtensor.network")
-    parser.add_argument("--wallet.name", default=env.get("BT_WALLET_NAME", "default"),
-                        metavar="NAME", help="coldkey wallet name (default 'default')")
-    parser.add_argument("--wallet.hotkey", default=env.get("BT_WALLET_HOTKEY", "default"),
-                        metavar="NAME", help="hotkey name inside the wallet (default 'default')")
-    parser.add_argument("--wallet.path", default=env.get("BT_WALLET_PATH", "~/.bittensor/wallets/"),
-                        metavar="DIR", help="wallets directory (default ~/.bittensor/wallets/)")
+    add_wallet_args(parser)
     add_axon_args(parser)
     add_logging_args(parser)
     parser.add_argument("--local", action="store_true",
@@ -124,7 +131,9 @@ def options_from_args(args: argparse.Namespace, netuid_default: int):
 
 def report_start_failure(exc: BaseException) -> int:
     """One clear line for the errors an operator can fix; the exit code that goes with it."""
+    from cascade.engine import TierStartError
     from cascade.errors import ConfigError
+    from cascade.placement import PlacementError
     from natix_miner.neuron import NotRegisteredError, WalletError, find_missing_artifact
 
     missing = find_missing_artifact(exc)
@@ -134,7 +143,7 @@ def report_start_failure(exc: BaseException) -> int:
     if isinstance(exc, ConfigError):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if isinstance(exc, (NotRegisteredError, WalletError, OSError)):
+    if isinstance(exc, (NotRegisteredError, WalletError, OSError, TierStartError, PlacementError)):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return -1
