@@ -8,7 +8,7 @@ Threads and loops, because they decide whether one slow image stalls every valid
 - decoding (base64 + Pillow) runs in a small thread pool, also off the axon loop.
 
 Every admitted request is answered with a number in [0, 1]: a decode failure, an engine error
-or a blown deadline gives `miner.fallback_probability`, and is logged with the caller's hotkey
+or a blown deadline gives `engine.fallback_probability`, and is logged with the caller's hotkey
 and counted. The reply carries no image (`image` is cleared), only the prediction.
 
 `--local` runs the same neuron without a chain: a throwaway wallet, the axon bound to
@@ -342,10 +342,10 @@ class Miner:
         t0 = time.monotonic()
         self.forward_calls += 1
         hotkey = synapse.dendrite.hotkey if synapse.dendrite is not None else None
-        budget = self.settings.request_deadline_s
+        budget = self.cascade.engine.deadline_ms / 1000.0
         if synapse.timeout:
             budget = min(budget, max(0.5, float(synapse.timeout) - 1.5))
-        fallback = self.settings.fallback_probability
+        fallback = self.cascade.engine.fallback_probability
         prediction, outcome = fallback, "ok"
         try:
             image = await asyncio.get_running_loop().run_in_executor(

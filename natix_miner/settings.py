@@ -81,12 +81,8 @@ class MinerSettings:
 
     # Subnet uid: 72 on mainnet (finney), 323 on testnet. `--netuid` overrides it.
     netuid: int = DEFAULT_NETUID
-    # Answer given when an image cannot be decoded or the engine fails (never -1, never NaN).
-    fallback_probability: float = 0.5
     # Seconds between metagraph re-syncs (in a background thread; the guard reads a snapshot).
     metagraph_resync_s: float = 600.0
-    # Budget for one answer from arrival, in seconds; keep well under the validators' 9 s.
-    request_deadline_s: float = 6.0
     # Port of a Prometheus /metrics endpoint; null = no telemetry server.
     telemetry_port: Optional[int] = None
     # Threads that decode images off the event loop.
@@ -102,16 +98,9 @@ class MinerSettings:
     def validate(self, source: str, prefix: str) -> None:
         if self.netuid < 0:
             raise ConfigError(source, f"{prefix}.netuid", "a subnet uid >= 0", self.netuid)
-        if not 0.0 <= self.fallback_probability <= 1.0:
-            raise ConfigError(source, f"{prefix}.fallback_probability", "a number in [0, 1]",
-                              self.fallback_probability)
         if self.metagraph_resync_s <= 0:
             raise ConfigError(source, f"{prefix}.metagraph_resync_s", "a number > 0",
                               self.metagraph_resync_s)
-        if not 0.0 < self.request_deadline_s < VALIDATOR_TIMEOUT_S:
-            raise ConfigError(source, f"{prefix}.request_deadline_s",
-                              f"a number in (0, {VALIDATOR_TIMEOUT_S:g}) (validators wait 9 s)",
-                              self.request_deadline_s)
         if self.telemetry_port is not None and not 0 < self.telemetry_port < 65536:
             raise ConfigError(source, f"{prefix}.telemetry_port", "a port in 1..65535 or null",
                               self.telemetry_port)
@@ -136,6 +125,12 @@ def load_settings(path: Path) -> tuple[MinerSettings, CascadeConfig]:
     data = read_yaml(path)
     miner = parse_miner_settings(data.get("miner"), source=str(path))
     cascade = parse_cascade_config(data, source=str(path), base_dir=str(path.resolve().parent))
+    # The engine's deadline is the answer budget of every request: it must leave the reply time
+    # to travel back before the validator's own timeout.
+    if cascade.engine.deadline_ms >= VALIDATOR_TIMEOUT_S * 1000:
+        raise ConfigError(str(path), "engine.deadline_ms",
+                          f"a number below {VALIDATOR_TIMEOUT_S * 1000:g} (validators wait 9 s)",
+                          cascade.engine.deadline_ms)
     return miner, cascade
 
 

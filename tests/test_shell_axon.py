@@ -26,8 +26,6 @@ from natix_miner.settings import load_settings
 CONFIG = """
 miner:
   netuid: 72
-  fallback_probability: 0.5
-  request_deadline_s: 6.0
   decode:
     max_base64_chars: 400000
     max_bytes: 300000
@@ -217,7 +215,7 @@ async def test_bad_images_get_the_fallback_and_the_miner_survives(world, kind):
     before = miner.counters[f"decode_{reason}"]
     resp = await query(world, "validator", image)
     assert resp.dendrite.status_code == 200, resp.dendrite.status_message
-    assert resp.prediction == miner.settings.fallback_probability
+    assert resp.prediction == miner.cascade.engine.fallback_probability
     # Still serving normally afterwards.
     again = await query(world, "validator", good)
     assert again.dendrite.status_code == 200 and valid(again.prediction)

@@ -90,11 +90,11 @@ def test_missing_head_exits_2_with_the_fix(tmp_path):
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
-    proc = _start(tmp_path, HAZARD.replace("netuid: 72", "netuid: 72, fallback_probability: 2"),
+    proc = _start(tmp_path, HAZARD.replace("netuid: 72", "netuid: 72, bogus_key: 2"),
                   _port())
     code = proc.wait(timeout=60)
     err = proc.stderr.read()
-    assert code == 2 and "miner.fallback_probability" in err
+    assert code == 2 and "miner.bogus_key" in err
 
 
 def test_help_lists_bittensor_flags():
