@@ -139,3 +139,21 @@ def test_balanced_indices_repeat_the_minority_label():
     # ECE at 50/50: a constant 0.5 is perfectly calibrated there, whatever the folder's mix
     f = evaluation.figures(np.full(7, 0.5), y)
     assert f["ece"] == pytest.approx(0.0) and f["mcc"] == 0.0
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate"])
+def test_missing_head_exits_2_with_the_train_command(setup, tmp_path, capsys, command):
+    # Same start-up failure handling as `serve`: the missing artefact and the command that makes it.
+    import importlib
+
+    config, images = setup
+    cfg = yaml.safe_load(config.read_text())
+    cfg["tiers"].insert(0, {"name": "effnet_lite0.untrained", "backend": "efficientnet_lite",
+                            "expected_latency_ms": 300})
+    config.write_text(yaml.safe_dump(cfg))
+    module = importlib.import_module(f"natix_miner.commands.{command}")
+    args = _parse(module, [command, "--config", str(config), "--images", str(images), "--split",
+                           "all", "--no-progress", "--no-cache"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "effnet_lite0.untrained" in err and "natix-miner train --config" in err

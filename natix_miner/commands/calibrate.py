@@ -38,9 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.engine import TierStartError
-    from cascade.errors import ConfigError, MissingArtifactError
-    from cascade.placement import PlacementError
+    from natix_miner.commands.serve import report_start_failure
     from natix_miner.dataset import DatasetError
     from natix_miner.evaluation import format_calibration, run_calibration
 
@@ -53,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit, method=args.method, out_path=args.out,
             holdout_fraction=args.holdout_fraction, balance=not args.no_balance, use_cache=not args.no_cache,
             batch_size=args.batch_size, progress=not args.no_progress))
-    except MissingArtifactError as exc:
-        logger.error("{}", exc)
-        return 2
-    except (ConfigError, DatasetError, ValueError, TierStartError, PlacementError) as exc:
+    except (DatasetError, ValueError) as exc:
         logger.error("calibrate failed: {}", exc)
         return 2
+    except Exception as exc:  # engine start-up: the same message and exit code as `serve`
+        code = report_start_failure(exc)
+        if code < 0:
+            raise
+        return code
     print(format_calibration(summary))
     return 0
