@@ -22,13 +22,17 @@ COMMANDS: dict[str, str] = {
 DEFAULT_CONFIG = "configs/cpu.yaml"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser for every command, or for `only` one: `natix-miner serve` then imports the
+    serving path alone (the offline toolkit behind `local`, `eval`, ... stays unimported)."""
     parser = argparse.ArgumentParser(
         prog="natix-miner",
         description="NATIX StreetVision (subnet 72) roadwork miner: serve, test locally, train, "
                     "calibrate and evaluate a model cascade.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         mod = importlib.import_module(f"natix_miner.commands.{module}")
         mod.add_parser(sub, name)
     return parser
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

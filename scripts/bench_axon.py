@@ -60,7 +60,7 @@ def load_images(args) -> list:
     rng = np.random.default_rng(args.seed)
     images = []
     if args.images is not None:
-        from natix_miner.dataset import load_folder
+        from natix_miner.toolkit.dataset import load_folder
 
         samples = load_folder(args.images)
         for i in rng.choice(len(samples), size=min(args.n, len(samples)), replace=False):

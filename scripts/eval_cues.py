@@ -113,7 +113,7 @@ def _run_tier(tier: Any, samples: list, cache_file: Path | None) -> dict[str, np
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    from natix_miner.metrics import accuracy, binarize, mcc, roc_auc
+    from natix_miner.toolkit.metrics import accuracy, binarize, mcc, roc_auc
 
     ok = np.isfinite(probs)
     y, p = labels[ok], probs[ok]
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cascade.config import load_cascade_config
     from models.registry import build_tier
-    from natix_miner.dataset import load_folder, select
+    from natix_miner.toolkit.dataset import load_folder, select
 
     cfg = load_cascade_config(args.config)
     specs = {t.name: t for t in cfg.tiers}

@@ -606,7 +606,7 @@ async def test_tiny_gpu_style_cascade_trains_and_serves(tiny, tmp_path):
 
     from cascade.config import load_cascade_config
     from cascade.engine import CascadeEngine
-    from natix_miner.training import run_training
+    from natix_miner.toolkit.training import run_training
 
     rng = np.random.default_rng(3)
     for label, colour in (("roadwork", (230, 120, 0)), ("no_roadwork", (60, 60, 60))):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from natix_miner.train_augment import PHOTOMETRIC, random_training_view
+from natix_miner.toolkit.train_augment import PHOTOMETRIC, random_training_view
 
 
 def scene(size=(320, 200)) -> Image.Image:

@@ -12,8 +12,8 @@ from cascade.tier import TierOutput
 from models.heads import metadata_path
 from models.registry import build_tier
 from natix_miner.cli import main
-from natix_miner.dataset import load_folder
-from natix_miner.training import Item, data_fingerprint, run_training
+from natix_miner.toolkit.dataset import load_folder
+from natix_miner.toolkit.training import Item, data_fingerprint, run_training
 
 TIER = "effnet_lite0.roadwork_head"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from natix_miner import challenge as ch
+from natix_miner.toolkit import challenge as ch
 
 
 def _image(w: int = 320, h: int = 240, seed: int = 0) -> Image.Image:
@@ -186,7 +186,7 @@ def test_encode_is_base64_jpeg_quality_75():
 
 
 def test_draw_challenge_labels_are_balanced(tmp_path):
-    from natix_miner.dataset import load_folder
+    from natix_miner.toolkit.dataset import load_folder
 
     for sub, colour in (("roadwork", (255, 140, 0)), ("no_roadwork", (60, 60, 60))):
         (tmp_path / sub).mkdir()

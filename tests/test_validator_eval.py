@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from cascade.calibration import CalibrationSet
-from natix_miner import evaluation
-from natix_miner.dataset import load_folder
+from natix_miner.toolkit import evaluation
+from natix_miner.toolkit.dataset import load_folder
 from tests.test_validator_wire import write_folder
 
 KEYS = {"mcc", "accuracy", "auc", "ece", "reward", "n"}

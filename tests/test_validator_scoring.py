@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from natix_miner import metrics, scoring
-from natix_miner.scoring import ScoreTracker, ScoringRules
+from natix_miner.toolkit import metrics, scoring
+from natix_miner.toolkit.scoring import ScoreTracker, ScoringRules
 
 
 def _window_mcc_half_acc_08():

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from cascade.config import parse_cascade_config
 from natix_miner.neuron import BackgroundMiner, Miner, NeuronOptions
 from natix_miner.settings import MinerSettings
-from natix_miner.validator import ValidationError, parse_axon, resolve_miner_hotkey, run_validation
+from natix_miner.toolkit.validator import ValidationError, parse_axon, resolve_miner_hotkey, run_validation
 
 
 def write_folder(root, n_per_label: int = 3):

@@ -39,8 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     from natix_miner.commands.serve import report_start_failure
-    from natix_miner.dataset import DatasetError
-    from natix_miner.evaluation import format_calibration, run_calibration
+    from natix_miner.toolkit.dataset import DatasetError
+    from natix_miner.toolkit.evaluation import format_calibration, run_calibration
 
     if args.limit is not None and args.limit < 4 or args.batch_size < 1:
         logger.error("--limit must be >= 4 and --batch-size >= 1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from natix_miner.challenge import ERA_CHOICES
+from natix_miner.toolkit.challenge import ERA_CHOICES
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, default_split: str) -> None:
@@ -57,8 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     from natix_miner.commands.serve import report_start_failure
-    from natix_miner.dataset import DatasetError
-    from natix_miner.evaluation import format_report, run_eval
+    from natix_miner.toolkit.dataset import DatasetError
+    from natix_miner.toolkit.evaluation import format_report, run_eval
 
     if args.limit is not None and args.limit < 2 or args.batch_size < 1:
         logger.error("--limit must be >= 2 and --batch-size >= 1")

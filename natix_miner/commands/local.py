@@ -3,7 +3,7 @@
 Starts the miner exactly as `natix-miner serve --local` does (the same `Miner` and `serve_until`,
 on a background thread of this process): throwaway wallet, axon on 127.0.0.1, guard admitting
 only the built-in validator's hotkey, signatures verified. Then the built-in validator
-(`natix_miner.validator.run_validation`) sends it challenges over the real wire, built with the
+(`natix_miner.toolkit.validator.run_validation`) sends it challenges over the real wire, built with the
 subnet's image pipeline of the chosen era, and prints MCC, accuracy, the subnet reward, latency
 p50/p99 and the count of invalid answers.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from natix_miner.challenge import ERA_CHOICES
+from natix_miner.toolkit.challenge import ERA_CHOICES
 from natix_miner.commands.serve import (EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_arg,
                                         add_logging_args, configure_logging, report_start_failure)
 
@@ -76,8 +76,8 @@ def _start_local_miner(settings, cascade, port: int, validator_hotkey: str):
 
 
 def _train(args: argparse.Namespace, config_path: Path, missing, tiers) -> int:
-    from natix_miner.dataset import DatasetError
-    from natix_miner.training import run_training
+    from natix_miner.toolkit.dataset import DatasetError
+    from natix_miner.toolkit.training import run_training
 
     which = ", ".join(tiers) if tiers else "every trainable tier"
     print(f"No trained head yet ({missing.what}).\nTraining {which} now from the 'train' split of "
@@ -95,10 +95,10 @@ def _train(args: argparse.Namespace, config_path: Path, missing, tiers) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import ConfigError
-    from natix_miner.dataset import DatasetError
+    from natix_miner.toolkit.dataset import DatasetError
     from natix_miner.neuron import find_missing_artifact, throwaway_wallet
     from natix_miner.settings import load_settings, resolve_config_path
-    from natix_miner.validator import ValidationError, run_validation
+    from natix_miner.toolkit.validator import ValidationError, run_validation
 
     configure_logging(args)
     config_path = resolve_config_path(args.config)

@@ -51,8 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import ConfigError
-    from natix_miner.dataset import DatasetError
-    from natix_miner.training import run_training
+    from natix_miner.toolkit.dataset import DatasetError
+    from natix_miner.toolkit.training import run_training
 
     if args.epochs_of_augmentation < 0 or (args.max_images is not None and args.max_images < 1) \
             or args.batch < 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from natix_miner.challenge import ERA_CHOICES
+from natix_miner.toolkit.challenge import ERA_CHOICES
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -69,8 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 def run(args: argparse.Namespace) -> int:
     import bittensor as bt
 
-    from natix_miner.dataset import DatasetError
-    from natix_miner.validator import ValidationError, parse_axon, resolve_miner_hotkey, run_validation
+    from natix_miner.toolkit.dataset import DatasetError
+    from natix_miner.toolkit.validator import ValidationError, parse_axon, resolve_miner_hotkey, run_validation
 
     try:
         host, port = parse_axon(args.axon)

@@ -28,9 +28,9 @@ from tqdm import tqdm
 from cascade.config import load_cascade_config
 from cascade.tier import TrainableTier
 from models.registry import build_tier
-from natix_miner import metrics
-from natix_miner.dataset import Sample, load_folder, select
-from natix_miner.train_augment import random_training_view
+from natix_miner.toolkit import metrics
+from natix_miner.toolkit.dataset import Sample, load_folder, select
+from natix_miner.toolkit.train_augment import random_training_view
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Why: the only honest test of a miner is the one a validator runs. This sends `ImageSynapse`
 challenges through a real `bt.Dendrite` (signed by a validator hotkey, 9 s timeout, no retry),
 draws labels 50/50, builds each image with the validator's pipeline of the chosen era
-(`natix_miner.challenge`) and scores the answers with the subnet's windows, reward and EMA
-(`natix_miner.scoring`). It works against a miner on this machine or anywhere reachable.
+(`natix_miner.toolkit.challenge`) and scores the answers with the subnet's windows, reward and EMA
+(`natix_miner.toolkit.scoring`). It works against a miner on this machine or anywhere reachable.
 
 The dendrite signs for the receiving hotkey, and the axon checks that signature against its own
 hotkey, so the miner's hotkey must be known: pass it, read it from the miner's wallet, or look
@@ -27,10 +27,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from loguru import logger
 
-from natix_miner import challenge as ch
-from natix_miner.dataset import load_folder, select
-from natix_miner.metrics import binarize, mcc
-from natix_miner.scoring import DEFAULT_RULES, ScoreTracker, ScoringRules, is_valid_answer
+from natix_miner.toolkit import challenge as ch
+from natix_miner.toolkit.dataset import load_folder, select
+from natix_miner.toolkit.metrics import binarize, mcc
+from natix_miner.toolkit.scoring import DEFAULT_RULES, ScoreTracker, ScoringRules, is_valid_answer
 from natix_miner.settings import VALIDATOR_TIMEOUT_S
 
 
@@ -306,7 +306,7 @@ async def run_validation(axon: str, images: Path, era: str = "mixed", n: int = 1
         json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
         logger.info("report written to {}", json_path)
     if png_path is not None:
-        from natix_miner.plots import plot_validation
+        from natix_miner.toolkit.plots import plot_validation
 
         plot_validation([r.reward for r in rounds], [r.score for r in rounds], Path(png_path),
                         invalid=[not r.valid for r in rounds],

@@ -1,7 +1,7 @@
 """Offline classification metrics on probabilities and 0/1 labels (numpy only).
 
 Binarisation everywhere follows the validator: numpy `round`, so 0.5 is "no roadwork".
-The subnet's windowed reward lives in `natix_miner.scoring`; this module holds plain metrics.
+The subnet's windowed reward lives in `natix_miner.toolkit.scoring`; this module holds plain metrics.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from natix_miner.metrics import binarize
-from natix_miner.metrics import mcc as metrics_mcc
+from natix_miner.toolkit.metrics import binarize
+from natix_miner.toolkit.metrics import mcc as metrics_mcc
 
 
 @dataclass(frozen=True)

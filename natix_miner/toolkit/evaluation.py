@@ -1,7 +1,7 @@
 """Offline evaluation and calibration data: every tier and the cascade on validator-style images.
 
 Why: the cascade's figures only mean something on what validators send, so every image goes
-through the era's pipeline (`natix_miner.challenge`) and a JPEG q75 round trip first. Each image
+through the era's pipeline (`natix_miner.toolkit.challenge`) and a JPEG q75 round trip first. Each image
 gets its own random stream, seeded from (seed, path, era), so `calibrate` and `eval` see the same
 augmented pixels for the same image whatever the order or subset, and a rerun is identical.
 
@@ -29,9 +29,9 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from loguru import logger
 
-from natix_miner import challenge as ch
-from natix_miner.metrics import accuracy, binarize, confusion, ece, mcc, reliability_bins, roc_auc
-from natix_miner.scoring import expected_reward
+from natix_miner.toolkit import challenge as ch
+from natix_miner.toolkit.metrics import accuracy, binarize, confusion, ece, mcc, reliability_bins, roc_auc
+from natix_miner.toolkit.scoring import expected_reward
 
 METRIC_KEYS = ("mcc", "accuracy", "auc", "ece", "reward", "n")
 
@@ -332,7 +332,7 @@ def write_predictions_csv(out: Outputs, path: Path) -> Path:
 
 def write_plots(out: Outputs, directory: Path) -> list[Path]:
     """Reliability diagram and confusion matrices of the cascade and every tier."""
-    from natix_miner.plots import plot_confusions, plot_reliability
+    from natix_miner.toolkit.plots import plot_confusions, plot_reliability
 
     y = np.asarray(out.labels)
     series = {"cascade": out.array("cascade")} if out.cascade else {}
@@ -382,7 +382,7 @@ def limit_samples(samples: Sequence[Any], limit: Optional[int], seed: int) -> li
 
 def load_samples(folders: Sequence[Path], split: Optional[str], limit: Optional[int], seed: int) -> list[Any]:
     """Labelled samples of one split from one or more folders (a stratified subset with `limit`)."""
-    from natix_miner.dataset import DatasetError, load_folder, select
+    from natix_miner.toolkit.dataset import DatasetError, load_folder, select
 
     samples: list[Any] = []
     for folder in folders:

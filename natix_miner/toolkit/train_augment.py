@@ -2,7 +2,7 @@
 
 Why: the head is fitted on frozen features of a few hundred images; showing it each training
 image again as the validators would send it (augmented / letterboxed 224 crops, raw re-encoded
-frames; natix_miner.challenge) and under conditions the dev data lacks (night, rain and fog,
+frames; natix_miner.toolkit.challenge) and under conditions the dev data lacks (night, rain and fog,
 motion blur, real JPEG loss, occluders) makes the features it learns from cover what it meets.
 
 Every function is deterministic given the `numpy.random.Generator`; the photometric ones keep the
@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from natix_miner import challenge
+from natix_miner.toolkit import challenge
 
 
 def _arr(image: Image.Image) -> np.ndarray:
