@@ -354,11 +354,23 @@ class CascadeConfig:
 
 
 CASCADE_KEYS = ("engine", "router", "tiers", "devices", "artifacts_dir")
+# Every key a root config may hold: the cascade's, plus the shell's `miner:` section (validated by
+# `natix_miner.settings`). Anything else is a typo (`engin:`, `artifact_dir:`) that would otherwise
+# leave a whole section on its defaults without a word.
+ROOT_KEYS = CASCADE_KEYS + ("miner",)
 DEFAULT_ARTIFACTS_DIR = "../models/artifacts"
+
+
+def check_root_keys(data: Mapping[str, Any], *, source: str) -> None:
+    """Refuse an unknown top-level key, naming it and the known ones."""
+    unknown = sorted(set(map(str, data)) - set(ROOT_KEYS))
+    if unknown:
+        raise ConfigError(source, unknown[0], f"one of {sorted(ROOT_KEYS)} (unknown top-level key)")
 
 
 def parse_cascade_config(data: Mapping[str, Any], *, source: str, base_dir: str) -> CascadeConfig:
     """Validate the cascade slice (`engine`, `router`, `tiers`, `devices`) of a root config."""
+    check_root_keys(data, source=source)
     raw_art = data.get("artifacts_dir", DEFAULT_ARTIFACTS_DIR)
     if not isinstance(raw_art, str):
         raise ConfigError(source, "artifacts_dir", "a path string", raw_art)

@@ -48,3 +48,20 @@ def test_new_sections_have_defaults(tmp_path):
 def test_default_cpu_config_loads():
     cfg = load_cascade_config("configs/cpu.yaml")
     assert cfg.active_tiers and cfg.engine.deadline_ms < 9000
+
+
+@pytest.mark.parametrize("typo", ["engin", "routr", "artifact_dir", "tier"])
+def test_unknown_top_level_key_is_refused(tmp_path, typo):
+    """A typo at the top would leave a whole section on its defaults without a word."""
+    with pytest.raises(ConfigError, match=rf"bad.yaml: key '{typo}': expected one of .*'engine'") as info:
+        load(tmp_path, {"tiers": [TIER], typo: {}})
+    assert "unknown top-level key" in str(info.value) and "'miner'" in str(info.value)
+
+
+def test_every_shipped_config_loads_with_its_miner_section():
+    from pathlib import Path
+
+    from natix_miner.settings import load_settings
+    for path in sorted(Path("configs").glob("*.yaml")):
+        miner, cascade = load_settings(path)
+        assert cascade.active_tiers, path
