@@ -73,9 +73,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_local_miner(settings, cascade, port: int, validator_hotkey: str):
+def _start_local_miner(settings, cascade, port: int, validator_hotkey: str, *, quiet: bool = True):
+    import dataclasses
+
     from natix_miner.neuron import BackgroundMiner, Miner, NeuronOptions
 
+    if quiet:  # the validator's table reports every answer; per-request lines would break the bar
+        settings = dataclasses.replace(settings, request_log="off")
     options = NeuronOptions(netuid=settings.netuid, local=True, axon_port=port,
                             allow_hotkeys=(validator_hotkey,), rate_limit_per_minute=0)
     return BackgroundMiner(Miner(settings, cascade, options)).start()
@@ -124,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         trained: set[str] = set()
         while runner is None:
             try:
-                runner = _start_local_miner(settings, cascade, port, validator.hotkey.ss58_address)
+                runner = _start_local_miner(settings, cascade, port, validator.hotkey.ss58_address,
+                                            quiet=not (getattr(args, "logging.debug", False)
+                                                       or getattr(args, "logging.trace", False)))
             except Exception as exc:  # noqa: BLE001 - sorted below
                 missing = find_missing_artifact(exc)
                 # Train only the tier whose artefact is missing (tiers that work untrained stay so).
