@@ -307,8 +307,13 @@ class Miner:
             logger.info(self.request_log.summary())
 
     def _refusals(self) -> dict[str, int]:
-        """The guard's refusal counts by reason (whatever reasons the guard counts)."""
-        return dict((self.guard.stats().get("refused") or {}) if self.guard is not None else {})
+        """Refusal counts by reason: the guard's, plus the HTTP layer's (`http_<reason>`) where
+        the neuron has one (an attribute `shield` with a `refused` counter)."""
+        out = dict((self.guard.stats().get("refused") or {}) if self.guard is not None else {})
+        shield = getattr(self, "shield", None)
+        for reason, count in (dict(getattr(shield, "refused", None) or {})).items():
+            out[f"http_{reason}"] = count
+        return out
 
     async def stop(self) -> None:
         """Stop accepting, release the port, stop the engine. Safe to call twice."""
@@ -455,7 +460,7 @@ class Miner:
 
 class _GuardCollector:
     """`natix_miner_refusals_total{reason}` and `natix_miner_admitted_total`, read from the
-    guard's own counters at scrape time, so every reason the guard counts is exported."""
+    guard's (and HTTP layer's) own counters at scrape time, so every reason counted is exported."""
 
     def __init__(self, miner: Miner) -> None:
         self._miner = miner
@@ -468,9 +473,9 @@ class _GuardCollector:
 
         guard = self._miner.guard
         stats = guard.stats() if guard is not None else {}
-        refused = CounterMetricFamily("natix_miner_refusals", "Requests the guard refused, by reason",
-                                      labels=["reason"])
-        for reason, count in sorted((stats.get("refused") or {}).items()):
+        refused = CounterMetricFamily("natix_miner_refusals", "Requests refused before an answer, "
+                                      "by reason (http_* = the HTTP layer)", labels=["reason"])
+        for reason, count in sorted(self._miner._refusals().items()):
             refused.add_metric([str(reason)], float(count))
         yield refused
         yield CounterMetricFamily("natix_miner_admitted", "Requests the guard admitted",

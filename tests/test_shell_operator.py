@@ -359,3 +359,22 @@ def test_pm2_file_arguments_are_serve_flags(env):
         assert getattr(args, "wallet.path") == "/keys" and getattr(args, "wallet.hotkey") == "hk"
         assert getattr(args, "subtensor.chain_endpoint") == "ws://127.0.0.1:9944"
         assert args.netuid == 323 and getattr(args, "subtensor.network") == "test"
+
+
+def test_refusals_merge_the_guard_and_the_http_layer(tmp_path):
+    import collections
+    import types
+
+    from natix_miner import guard as guard_mod
+    from natix_miner.settings import GuardSettings
+
+    settings, cascade = _settings(tmp_path)
+    miner = Miner(settings, cascade, NeuronOptions(netuid=72, local=True))
+    try:
+        assert miner._refusals() == {}
+        miner.guard = guard_mod.Guard(GuardSettings(), "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty")
+        miner.guard.refused["no_permit"] += 2
+        miner.shield = types.SimpleNamespace(refused=collections.Counter(body_too_large=1))
+        assert miner._refusals() == {"no_permit": 2, "http_body_too_large": 1}
+    finally:
+        miner._decode_pool.shutdown()
