@@ -378,3 +378,28 @@ def test_refusals_merge_the_guard_and_the_http_layer(tmp_path):
         assert miner._refusals() == {"no_permit": 2, "http_body_too_large": 1}
     finally:
         miner._decode_pool.shutdown()
+
+
+async def test_summary_mode_logs_one_line_per_period_even_when_idle(tmp_path):
+    from loguru import logger
+
+    settings, cascade = _settings(tmp_path, HAZARD.replace(
+        "{netuid: 72}", "{netuid: 72, request_log: summary, log_summary_s: 0.2}"))
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    runner = await asyncio.to_thread(BackgroundMiner(Miner(settings, cascade, NeuronOptions(
+        netuid=72, local=True, axon_port=_port()))).start, 60)
+    try:
+        await asyncio.sleep(0.7)
+    finally:
+        await asyncio.to_thread(runner.stop)
+        logger.remove(sink)
+    summaries = [line for line in lines if line.startswith("last ")]
+    assert len(summaries) >= 2 and summaries[0].endswith("0 answered; refused 0"), lines
+
+
+def test_a_missing_wallet_is_an_input_error(capsys):
+    from natix_miner.neuron import WalletError
+
+    assert serve.report_start_failure(WalletError("hotkey 'x' of wallet 'y' not found")) == 2
+    assert "not found" in capsys.readouterr().err
