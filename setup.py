@@ -24,6 +24,8 @@ setup(
     install_requires=_requirements(),
     extras_require={
         "test": ["pytest>=8", "pytest-asyncio>=0.23", "pytest-timeout>=2.3"],
+        # btcli, which `natix-miner register` runs for the on-chain registration.
+        "btcli": ["bittensor-cli>=9"],
         # GPU-only backends; never needed by the core or the tests.
         "gpu": ["ultralytics>=8.3", "vllm>=0.8"],
     },

@@ -134,34 +134,13 @@ class IsotonicCalibrator(Calibrator):
         return {"x": self.x.tolist(), "y": self.y.tolist()}
 
 
-def pav(y: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
-    """Pool adjacent violators: the non-decreasing sequence closest to `y` in weighted L2."""
-    y = np.asarray(y, dtype=np.float64)
-    w = np.ones_like(y) if w is None else np.asarray(w, dtype=np.float64)
-    means: list[float] = []
-    weights: list[float] = []
-    counts: list[int] = []
-    for yi, wi in zip(y, w):
-        means.append(float(yi)); weights.append(float(wi)); counts.append(1)
-        while len(means) > 1 and means[-2] > means[-1]:
-            m2, w2, c2 = means.pop(), weights.pop(), counts.pop()
-            m1, w1, c1 = means.pop(), weights.pop(), counts.pop()
-            ww = w1 + w2
-            means.append((m1 * w1 + m2 * w2) / ww); weights.append(ww); counts.append(c1 + c2)
-    return np.repeat(np.asarray(means), counts)
-
-
 def _fit_isotonic(p: np.ndarray, y: np.ndarray) -> IsotonicCalibrator:
-    order = np.argsort(p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    # collapse tied inputs first so equal probabilities get one fitted value
-    ux, inv, cnt = np.unique(ps, return_inverse=True, return_counts=True)
-    ymean = np.bincount(inv, weights=ys) / cnt
-    fitted = pav(ymean, cnt.astype(np.float64))
-    # keep the first and last knot of each flat block: interpolating between them stays monotone
-    keep = np.ones_like(fitted, dtype=bool)
-    keep[1:-1] = (np.diff(fitted)[:-1] != 0) | (np.diff(fitted)[1:] != 0)
-    x, yk = ux[keep], fitted[keep]
+    """scikit-learn's isotonic regression (tied inputs pooled, then pool-adjacent-violators); its
+    knots are the first and last point of each flat block, so interpolating stays monotone."""
+    from sklearn.isotonic import IsotonicRegression  # offline fitting only; serving never fits
+
+    fit = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+    x, yk = fit.X_thresholds_.astype(np.float64), fit.y_thresholds_.astype(np.float64)
     # extend to the full [0, 1] domain with flat ends
     x = np.concatenate([[0.0], x, [1.0]]) if x[0] > 0 or x[-1] < 1 else x
     yk = np.concatenate([[yk[0]], yk, [yk[-1]]]) if x.size == yk.size + 2 else yk
@@ -259,10 +238,20 @@ def _reward_from_rates(tpr: np.ndarray, fpr: np.ndarray, prevalence: float) -> n
     pi = prevalence
     tp, fn = pi * tpr, pi * (1 - tpr)
     fp, tn = (1 - pi) * fpr, (1 - pi) * (1 - fpr)
-    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    mcc = np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0)
     acc = tp + tn
-    return (0.5 * np.maximum(mcc, 0.0) + 0.5 * acc) ** 3
+    return (0.5 * np.maximum(mcc_from_counts(tp, fp, fn, tn), 0.0) + 0.5 * acc) ** 3
+
+
+def mcc_from_counts(tp: Any, fp: Any, fn: Any, tn: Any) -> np.ndarray:
+    """Matthews correlation from confusion counts (or rates), elementwise over arrays; 0 where a
+    margin is empty (one true or one predicted class), as scikit-learn's matthews_corrcoef.
+
+    The one vectorised MCC of the project (threshold sweeps, Monte-Carlo windows); the toolkit
+    re-exports it from `natix_miner.toolkit.metrics`.
+    """
+    tp, fp, fn, tn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn, tn))
+    den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    return np.where(den > 0, (tp * tn - fp * fn) / np.sqrt(np.where(den > 0, den, 1.0)), 0.0)
 
 
 @dataclass(frozen=True)
@@ -339,19 +328,31 @@ def fit_threshold_map(probs: Any, labels: Any, *, balanced: bool = True,
     return ThresholdMap(float(np.clip(t, *bounds)), eps, float(best))
 
 
-def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> float:
-    """Binned |mean label - mean probability|, weighted by bin size (equal-width bins on [0, 1])."""
+def reliability_bins(probs: Any, labels: Any, bins: int = 15) -> dict[str, np.ndarray]:
+    """Equal-width bins on [0, 1] (a probability on an edge goes to the lower bin): per bin the
+    mean probability, the observed positive rate (NaN when empty) and the count.
+
+    The one binning behind ECE and the reliability plots; NaN inputs are left out.
+    """
     p, y = _as_arrays(probs, labels)
-    if p.size == 0:
-        return float("nan")
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
-    err = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            err += m.mean() * abs(float(y[m].mean()) - float(p[m].mean()))
-    return float(err)
+    count = np.bincount(which, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(which, weights=p, minlength=bins) / count
+        rate = np.bincount(which, weights=y, minlength=bins) / count
+    return {"edges": edges, "confidence": conf, "positive_rate": rate, "count": count}
+
+
+def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> float:
+    """Binned |mean label - mean probability|, weighted by bin size (`reliability_bins`)."""
+    b = reliability_bins(probs, labels, bins)
+    n = b["count"].sum()
+    if n == 0:
+        return float("nan")
+    full = b["count"] > 0
+    gap = np.abs(b["positive_rate"][full] - b["confidence"][full])
+    return float(np.sum(b["count"][full] / n * gap))
 
 
 # --------------------------------------------------------------------------- the set the engine loads

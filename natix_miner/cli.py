@@ -1,4 +1,9 @@
-"""`natix-miner`: one entry point, one module per subcommand (natix_miner/commands/)."""
+"""`natix-miner`: one entry point, one module per subcommand (natix_miner/commands/).
+
+Shared flags (bittensor's `--wallet.*`, `--subtensor.*`, `--axon.*`, `--logging.*`, `--config`,
+`-n`) and the exit codes every command follows (0 done, 1 failed at run time, 2 bad input) are
+in `natix_miner.commands.flags`.
+"""
 
 import argparse
 import importlib
@@ -19,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "model-card": "model_card",
 }
 
-DEFAULT_CONFIG = "configs/cpu.yaml"
+DEFAULT_CONFIG = "configs/cpu.yaml"  # every command's --config default (commands/flags.py)
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
@@ -28,7 +33,11 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="natix-miner",
         description="NATIX StreetVision (subnet 72) roadwork miner: serve, test locally, train, "
-                    "calibrate and evaluate a model cascade.")
+                    "calibrate and evaluate a model cascade. Every command takes --config "
+                    f"(default {DEFAULT_CONFIG}) and explains its flags in `COMMAND --help`.")
+    from natix_miner import __version__
+
+    parser.add_argument("--version", action="version", version=f"natix-miner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         if only is not None and name != only:

@@ -11,8 +11,13 @@ Every admitted request is answered with a number in [0, 1]: a decode failure, an
 or a blown deadline gives `engine.fallback_probability`, and is logged with the caller's hotkey
 and counted. The reply carries no image (`image` is cleared), only the prediction.
 
-`--local` runs the same neuron without a chain: a throwaway wallet, the axon bound to
-127.0.0.1, and a guard that admits only the `--allow-hotkey` callers (signatures still checked).
+`--local` runs the same neuron without a chain: the named wallet (a throwaway one when no
+`--wallet.*` flag names one), the axon bound to 127.0.0.1, and a guard that admits only the
+`--allow-hotkey` callers (signatures still checked).
+
+What it says: one line per answered request or a periodic summary (`miner.request_log`, see
+`natix_miner.request_log`); /metrics (`miner.telemetry_port`) exports the engine's metrics, the
+answers by outcome, the guard's refusals by reason and the standard `process_*` metrics.
 """
 
 import asyncio
@@ -37,6 +42,7 @@ from cascade.tier import Tier
 from natix_miner import guard as guard_mod
 from natix_miner.decode import DecodeError, decode_image
 from natix_miner.protocol import ExtendedImageSynapse, ImageSynapse
+from natix_miner.request_log import RequestLog, short_hotkey
 from natix_miner.settings import MinerSettings
 
 LOCAL_HOST = "127.0.0.1"
@@ -50,6 +56,10 @@ class WalletError(RuntimeError):
     """The named wallet or hotkey does not exist on disk."""
 
 
+class ChainUnreachableError(RuntimeError):
+    """The subtensor endpoint could not be reached or answered with an error; names the endpoint."""
+
+
 @dataclass(frozen=True)
 class NeuronOptions:
     """What the command line decides (bittensor's flag names, see `natix_miner.commands.serve`)."""
@@ -60,6 +70,8 @@ class NeuronOptions:
     wallet_name: str = "default"
     wallet_hotkey: str = "default"
     wallet_path: str = "~/.bittensor/wallets/"
+    # A `--wallet.*` flag named the wallet: `local` then answers as it, not as a throwaway hotkey.
+    wallet_named: bool = False
     axon_port: int = 8091
     # Address the axon binds; None = bittensor's default (all interfaces). `--local` forces 127.0.0.1.
     axon_ip: Optional[str] = None
@@ -132,6 +144,10 @@ class Miner:
         self._tmpdir: Optional[str] = None
         self._resync_task: Optional[asyncio.Task] = None
         self._telemetry: Any = None
+        self._summary_task: Optional[asyncio.Task] = None
+        self.request_log = RequestLog(settings.request_log, refusals=self._refusals)
+        # Which keys answer: "wallet NAME/HOTKEY" or "throwaway wallet" (printed at start).
+        self.wallet_source = "injected wallet" if wallet is not None else ""
         self.started = False
 
     # ----- properties -------------------------------------------------------------------------
@@ -155,11 +171,13 @@ class Miner:
     def _build_wallet(self) -> "bt.Wallet":
         if self.wallet is not None:
             return self.wallet
-        if self.options.local:
+        if self.options.local and not self.options.wallet_named:
             self._tmpdir = tempfile.mkdtemp(prefix="natix-local-wallet-")
+            self.wallet_source = "throwaway wallet, no --wallet.* flag given"
             return throwaway_wallet(Path(self._tmpdir))
         wallet = bt.Wallet(name=self.options.wallet_name, hotkey=self.options.wallet_hotkey,
                            path=self.options.wallet_path)
+        self.wallet_source = f"wallet {self.options.wallet_name}/{self.options.wallet_hotkey}"
         if not wallet.hotkey_file.exists_on_device():
             raise WalletError(
                 f"hotkey '{self.options.wallet_hotkey}' of wallet '{self.options.wallet_name}' not "
@@ -171,9 +189,15 @@ class Miner:
         o = self.options
         network = o.chain_endpoint or o.network
         logger.info("connecting to subtensor {} (netuid {})", network, o.netuid)
-        if self.subtensor is None:
-            self.subtensor = bt.Subtensor(network=network)
-        if not self.subtensor.is_hotkey_registered(hotkey_ss58=self.hotkey, netuid=o.netuid):
+        try:
+            if self.subtensor is None:
+                self.subtensor = bt.Subtensor(network=network)
+            registered = self.subtensor.is_hotkey_registered(hotkey_ss58=self.hotkey, netuid=o.netuid)
+        except Exception as exc:  # noqa: BLE001 - websockets, DNS, substrate errors: one message
+            raise ChainUnreachableError(
+                f"cannot reach the chain at {network} ({type(exc).__name__}: {exc}); check "
+                f"--subtensor.network / --subtensor.chain_endpoint") from exc
+        if not registered:
             raise NotRegisteredError(
                 f"hotkey {self.hotkey} (wallet {o.wallet_name}/{o.wallet_hotkey}) is not registered "
                 f"on netuid {o.netuid} ({o.network}). Register it first: natix-miner register "
@@ -223,6 +247,7 @@ class Miner:
         if not port_is_free(probe_host, o.axon_port):  # before minutes of model loading
             raise OSError(f"port {o.axon_port} on {self.bind_host} is already in use")
         self._start_telemetry()
+        logger.info("answering as {} (hotkey {})", self.wallet_source, self.hotkey)
         self.engine = self._make_engine()
         logger.info("loading and warming up {} tier(s) from {}", len(self.cascade.active_tiers),
                     self.cascade.source)
@@ -241,6 +266,8 @@ class Miner:
             logger.info("serving axon {} on netuid {}", self.axon, o.netuid)
             await asyncio.to_thread(self.axon.serve, netuid=o.netuid, subtensor=self.subtensor)
             self._resync_task = asyncio.create_task(self._resync_forever(), name="metagraph-resync")
+        if self.request_log.mode == "summary":
+            self._summary_task = asyncio.create_task(self._summary_forever(), name="request-summary")
         self.started = True
         logger.info("miner ready on {} (hotkey {}, {})", self.address, self.hotkey,
                     "local, no chain" if o.local else f"netuid {o.netuid}")
@@ -273,15 +300,32 @@ class Miner:
                 self.counters["resync_failed"] += 1
                 logger.warning("metagraph re-sync failed (keeping the last snapshot): {}", exc)
 
+    async def _summary_forever(self) -> None:
+        """`miner.request_log: summary`: one line per period, also when nothing came in."""
+        while True:
+            await asyncio.sleep(self.settings.log_summary_s)
+            logger.info(self.request_log.summary())
+
+    def _refusals(self) -> dict[str, int]:
+        """Refusal counts by reason: the guard's, plus the HTTP layer's (`http_<reason>`) where
+        the neuron has one (an attribute `shield` with a `refused` counter)."""
+        out = dict((self.guard.stats().get("refused") or {}) if self.guard is not None else {})
+        shield = getattr(self, "shield", None)
+        for reason, count in (dict(getattr(shield, "refused", None) or {})).items():
+            out[f"http_{reason}"] = count
+        return out
+
     async def stop(self) -> None:
         """Stop accepting, release the port, stop the engine. Safe to call twice."""
-        if self._resync_task is not None:
-            self._resync_task.cancel()
+        for task in (self._resync_task, self._summary_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._resync_task
+                await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-            self._resync_task = None
+        self._resync_task = self._summary_task = None
         if self.axon is not None:
             self.axon.stop()
             host, _, port = self.address.rpartition(":")
@@ -311,7 +355,8 @@ class Miner:
 
     def _start_telemetry(self) -> None:
         """One registry for the engine's metrics and the shell's; served only when a port is set."""
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import (Counter, GCCollector, Histogram, PlatformCollector,
+                                       ProcessCollector)
 
         from cascade.telemetry import Telemetry
 
@@ -322,8 +367,19 @@ class Miner:
         self._m_latency = Histogram("forward_seconds", "Forward latency, decode included",
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 9),
                                     namespace="natix_miner", registry=registry)
-        if self.settings.telemetry_port is not None:
-            self._telemetry.serve(self.settings.telemetry_port)
+        registry.register(_GuardCollector(self))
+        # The standard process_* (CPU, memory, open fds), python_info and python_gc_* metrics.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        port = self.settings.telemetry_port
+        if port is not None:
+            try:
+                self._telemetry.serve(port)
+            except OSError as exc:
+                raise OSError(f"the metrics port {port} (miner.telemetry_port in "
+                              f"{self.cascade.source}) is already in use ({exc.strerror or exc}); "
+                              "pick another port or set it to null") from None
 
     # ----- the request path -------------------------------------------------------------------
     async def _predict(self, image: Any, deadline_s: float) -> Any:
@@ -383,9 +439,13 @@ class Miner:
         if self._telemetry is not None:
             self._m_requests.labels(outcome).inc()
             self._m_latency.observe(elapsed)
-        logger.debug("answered {} -> {:.4f} in {:.0f} ms ({})", hotkey, prediction, elapsed * 1e3,
-                     outcome)
+        self.request_log.answered(self._caller(hotkey), outcome, prediction, elapsed)
         return synapse
+
+    def _caller(self, hotkey: Optional[str]) -> str:
+        """`uid 12 5FHneW…694ty`, or the short hotkey alone for a caller off the metagraph."""
+        info = self.guard.view.get(hotkey) if self.guard is not None and hotkey else None
+        return f"uid {info.uid} {short_hotkey(hotkey)}" if info is not None else short_hotkey(hotkey)
 
     async def forward_extended(self, synapse: ExtendedImageSynapse) -> ExtendedImageSynapse:
         """The `ExtendedImageSynapse` route: the same answer, plus the configured model URL."""
@@ -396,6 +456,30 @@ class Miner:
     def stats(self) -> dict[str, Any]:
         return {"forward_calls": self.forward_calls, "outcomes": dict(self.counters),
                 "guard": self.guard.stats() if self.guard else {}}
+
+
+class _GuardCollector:
+    """`natix_miner_refusals_total{reason}` and `natix_miner_admitted_total`, read from the
+    guard's (and HTTP layer's) own counters at scrape time, so every reason counted is exported."""
+
+    def __init__(self, miner: Miner) -> None:
+        self._miner = miner
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        guard = self._miner.guard
+        stats = guard.stats() if guard is not None else {}
+        refused = CounterMetricFamily("natix_miner_refusals", "Requests refused before an answer, "
+                                      "by reason (http_* = the HTTP layer)", labels=["reason"])
+        for reason, count in sorted(self._miner._refusals().items()):
+            refused.add_metric([str(reason)], float(count))
+        yield refused
+        yield CounterMetricFamily("natix_miner_admitted", "Requests the guard admitted",
+                                  value=float(stats.get("admitted", 0)))
 
 
 async def serve_until(miner: Miner, stop: asyncio.Event,

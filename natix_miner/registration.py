@@ -27,11 +27,17 @@ FAILED = {"failed", "error", "rejected"}
 MAX_MESSAGE_AGE_S = 300
 
 
-def btcli_register_command(netuid: int, wallet_name: str, wallet_hotkey: str,
-                           network: str) -> list[str]:
-    """The subnet registration (burns TAO; btcli asks for the coldkey password and confirmation)."""
-    return ["btcli", "subnet", "register", "--netuid", str(netuid), "--wallet.name", wallet_name,
-            "--wallet.hotkey", wallet_hotkey, "--network", network]
+def btcli_register_command(netuid: int, wallet_name: str, wallet_hotkey: str, network: str,
+                           wallet_path: Optional[str] = None) -> list[str]:
+    """The subnet registration (burns TAO; btcli asks for the coldkey password and confirmation).
+
+    `network` is a name (finney, test) or a ws(s):// endpoint: btcli's `--network` takes both.
+    """
+    cmd = ["btcli", "subnet", "register", "--netuid", str(netuid), "--wallet.name", wallet_name,
+           "--wallet.hotkey", wallet_hotkey]
+    if wallet_path:
+        cmd += ["--wallet.path", wallet_path]
+    return cmd + ["--network", network]
 
 
 def sign_message(keypair: Keypair, message: str) -> str:

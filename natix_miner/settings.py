@@ -17,6 +17,8 @@ from cascade.errors import ConfigError
 DEFAULT_NETUID = 72
 # Validators query with timeout=9 s and never retry.
 VALIDATOR_TIMEOUT_S = 9.0
+# `miner.request_log`: a line per answered request, a periodic summary, or nothing.
+REQUEST_LOG_MODES = ("line", "summary", "off")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,12 @@ class MinerSettings:
     metagraph_resync_s: float = 600.0
     # Port of a Prometheus /metrics endpoint; null = no telemetry server.
     telemetry_port: Optional[int] = None
+    # What the log says about traffic at the default level: `line` = one line per answered
+    # request (caller, prediction, outcome, latency); `summary` = one line every `log_summary_s`
+    # (answers by outcome, latency p50/p99, callers, refusals by reason); `off` = neither.
+    request_log: str = "line"
+    # Seconds between two `summary` lines.
+    log_summary_s: float = 60.0
     # Threads that decode images off the event loop.
     decode_threads: int = 2
     # Also serve the `ExtendedImageSynapse` route (same forward and guard) for subnet revisions
@@ -106,6 +114,12 @@ class MinerSettings:
                               self.telemetry_port)
         if self.decode_threads < 1:
             raise ConfigError(source, f"{prefix}.decode_threads", "an integer >= 1", self.decode_threads)
+        if self.request_log not in REQUEST_LOG_MODES:
+            raise ConfigError(source, f"{prefix}.request_log", f"one of {list(REQUEST_LOG_MODES)}",
+                              self.request_log)
+        if self.log_summary_s <= 0:
+            raise ConfigError(source, f"{prefix}.log_summary_s", "a number of seconds > 0",
+                              self.log_summary_s)
 
 
 def _looks_like_ss58(address: str) -> bool:

@@ -12,8 +12,11 @@ fi
 stamp=.venv/.natix-installed
 want=$(cat setup.py requirements.txt constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[bootstrap] installing into .venv (first run takes a few minutes)"
+  echo "[bootstrap] installing into .venv (first run takes a few minutes; pip lists each package)"
+  start=$(date +%s)
   .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  # No -q: pip prints each package it collects and installs (a progress bar on a terminal).
+  .venv/bin/python -m pip install --progress-bar on -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
+  echo "[bootstrap] installed in $(( $(date +%s) - start )) s"
 fi

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cascade.calibration import (CalibrationSet, ThresholdMap, expected_calibration_error, expected_reward,
-                                 fit_calibration_set, fit_calibrator, fit_threshold_map, fit_weights, pav)
+                                 fit_calibration_set, fit_calibrator, fit_threshold_map, fit_weights)
 from cascade.errors import ConfigError
 
 
@@ -38,9 +38,19 @@ def test_identity_and_one_class_fallback():
         fit_calibrator([0.2], [1], "beta")
 
 
-def test_pav_is_the_isotonic_regression():
-    assert pav(np.array([1.0, 3.0, 2.0, 4.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
-    assert pav(np.array([3.0, 2.0, 1.0])).tolist() == [2.0, 2.0, 2.0]
+def test_isotonic_map_is_scikit_learns_isotonic_regression():
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(5)
+    p = np.round(rng.random(300), 2)                       # ties pooled before the fit
+    y = (rng.random(300) < p).astype(float)
+    cal = fit_calibrator(p, y, "isotonic")
+    ref = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(p, y)
+    grid = np.linspace(0, 1, 201)
+    assert np.allclose(cal(grid), ref.predict(grid), atol=1e-12)
+    # pool adjacent violators on a hand case: 1, 3, 2, 4 -> 1, 2.5, 2.5, 4 (scaled into [0, 1])
+    hand = fit_calibrator([0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1], "isotonic")
+    assert hand([0.1, 0.2, 0.3, 0.4]).tolist() == [0.0, 0.5, 0.5, 1.0]
 
 
 def test_ece_hand_computed():

@@ -43,4 +43,29 @@ def test_local_runs_to_its_report(tmp_path, capsys):
     overall = json.loads((tmp_path / "report.json").read_text())["overall"]
     assert overall["n"] == 6 and overall["invalid"] == 0, overall
     assert -1.0 <= overall["mcc"] <= 1.0 and overall["latency_p50_ms"] > 0
-    assert "MCC" in capsys.readouterr().out  # the printed table
+    out = capsys.readouterr().out
+    assert "MCC" in out  # the printed table
+    # ...and it ends with how to read the score and what to run next
+    assert out.rstrip().splitlines()[-2].startswith("How to read it: reward is what one validator")
+    assert out.rstrip().splitlines()[-1].startswith("Next: ")
+
+
+def test_png_title_names_the_data_set(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from natix_miner.toolkit import plots
+
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    images = _folder(tmp_path / "roadwork-set")
+    parser = argparse.ArgumentParser()
+    local.add_parser(parser.add_subparsers(), "local")
+    args = parser.parse_args(["local", "--config", str(tmp_path / "cfg.yaml"), "--images",
+                              str(images), "-n", "4", "--split", "all", "--png",
+                              str(tmp_path / "r.png")])
+    with mock.patch.object(plots, "plot_validation", wraps=plots.plot_validation) as plot:
+        assert args.func(args) == 0
+    title = plot.call_args.kwargs["title"]
+    assert title.startswith("roadwork-set (all split), era mixed, 4 challenges") and "127.0.0.1" not in title

@@ -142,11 +142,28 @@ def test_dry_run_prints_btcli_command_and_sends_nothing(wallet, capsys):
                 "--app-server", "http://127.0.0.1:9", *wallet_flags(wallet)])
     out = capsys.readouterr().out
     assert code == 0
-    expected = " ".join(btcli_register_command(323, wallet.name, wallet.hotkey_str, "test"))
+    expected = " ".join(btcli_register_command(323, wallet.name, wallet.hotkey_str, "test",
+                                               wallet_path=wallet.path))
     assert expected in out
     assert expected.startswith("btcli subnet register --netuid 323 --wallet.name")
     payload = json.loads(out[out.index("{"):])
     assert payload["uid"] == "9" and payload["natix_public_key"] == wallet.hotkey.ss58_address
+
+
+def test_btcli_gets_the_wallet_path_and_the_chain_endpoint(wallet, capsys):
+    """btcli must act on the operator's wallet directory and chain, not its own defaults."""
+    code = cli(["register", "--dry-run", "--skip-app-server", "--netuid", "323",
+                "--subtensor.chain_endpoint", "ws://127.0.0.1:9944", *wallet_flags(wallet)])
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert code == 0
+    assert line[line.index("--wallet.path") + 1] == wallet.path
+    assert line[line.index("--network") + 1] == "ws://127.0.0.1:9944"
+
+
+def test_missing_btcli_names_the_package(wallet, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code = cli(["register", "--skip-app-server", "--netuid", "323", *wallet_flags(wallet)])
+    assert code == 1 and "bittensor-cli" in capsys.readouterr().err
 
 
 def test_register_requires_model_repo(wallet, capsys):

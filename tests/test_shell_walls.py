@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECK = ("bad = sorted(m for m in sys.modules if m == 'natix_miner.toolkit' or "
-         "m.startswith('natix_miner.toolkit.')); print(bad); sys.exit(1 if bad else 0)")
+# The toolkit, and scikit-learn behind its metrics and calibrate's isotonic fit, stay offline.
+CHECK = ("bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn' or "
+         "m == 'natix_miner.toolkit' or m.startswith('natix_miner.toolkit.')); print(bad); "
+         "sys.exit(1 if bad else 0)")
 
 
 @pytest.mark.parametrize("entry", [

@@ -112,6 +112,34 @@ def test_metrics_against_hand_values():
     assert metrics.mcc([1, 1, 0], [1, 1, 1]) == 0.0
 
 
+def test_one_implementation_each_and_the_validators_own_numbers():
+    """MCC, accuracy and AUC are scikit-learn's (what the subnet's validator calls); ECE, the bins
+    and the vectorised MCC are the engine's, re-exported rather than written again."""
+    import warnings
+
+    from sklearn.metrics import accuracy_score, matthews_corrcoef, roc_auc_score
+
+    from cascade import calibration
+
+    assert metrics._ece is calibration.expected_calibration_error
+    assert metrics.reliability_bins is calibration.reliability_bins
+    assert metrics.mcc_from_counts is calibration.mcc_from_counts
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 10, 100):
+        for _ in range(12):
+            y = rng.integers(0, 2, n)
+            p = np.round(rng.random(n), 1)
+            pred = metrics.binarize(p)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # sklearn warns on one-class windows
+                assert metrics.mcc(y, pred) == pytest.approx(matthews_corrcoef(y, pred), abs=1e-12)
+            assert metrics.accuracy(y, p) == pytest.approx(accuracy_score(y, pred))
+            if len(set(y)) == 2:
+                assert metrics.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+            (tn, fp), (fn, tp) = metrics.confusion(y, pred)
+            assert float(metrics.mcc_from_counts(tp, fp, fn, tn)) == pytest.approx(metrics.mcc(y, pred))
+
+
 def test_ece_and_reliability_bins():
     p = np.array([0.1, 0.1, 0.9, 0.9])
     y = np.array([0, 0, 1, 1])

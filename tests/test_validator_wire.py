@@ -93,8 +93,8 @@ def test_validate_command_end_to_end(tmp_path, local_miner, capsys):
     args = parser.parse_args([
         "validate", "--axon", miner.address, "--images", str(images), "--era", "augmented",
         "--n", "4", "--split", "all", "--hotkey", miner.hotkey,
-        "--wallet-name", validator.name, "--wallet-hotkey", validator.hotkey_str,
-        "--wallet-path", validator.path, "--json", str(tmp_path / "v.json"), "--no-progress"])
+        "--wallet.name", validator.name, "--wallet.hotkey", validator.hotkey_str,
+        "--wallet.path", validator.path, "--json", str(tmp_path / "v.json"), "--no-progress"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "augmented" in out and "final score" in out

@@ -9,7 +9,8 @@ from pathlib import Path
 from loguru import logger
 
 from cascade.config import CALIBRATION_METHODS
-from natix_miner.commands.evaluate import add_common_arguments
+from natix_miner.commands.evaluate import add_common_arguments, check_folders
+from natix_miner.commands.flags import EXIT_USAGE
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -44,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 4 or args.batch_size < 1:
         logger.error("--limit must be >= 4 and --batch-size >= 1")
-        return 2
+        return EXIT_USAGE
+    if not check_folders(args):
+        return EXIT_USAGE
     try:
         summary = asyncio.run(run_calibration(
             args.config, args.images, split=args.split, era=args.era, seed=args.seed,

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from loguru import logger
 
+from natix_miner.commands.flags import EXIT_USAGE, add_config_arg, check_challenge_folder
 from natix_miner.toolkit.challenge import ERA_CHOICES
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, default_split: str) -> None:
     """Flags `eval` and `calibrate` share (one definition, one meaning)."""
-    p.add_argument("--config", type=Path, default=Path("configs/cpu.yaml"),
-                   help="root YAML config of the cascade (default: configs/cpu.yaml)")
+    add_config_arg(p)
     p.add_argument("--images", type=Path, action="append", required=True, metavar="DIR",
                    help="labelled image folder (manifest.csv with path,label[,source,split] or "
                         "roadwork/ + no_roadwork/ subfolders); repeat to pool several folders")
@@ -35,6 +35,16 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_split: str) -> N
                    help="do not read or write the cache of raw tier outputs "
                         "(<artifacts_dir>/.eval_cache/tier_outputs.json)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def check_folders(args: argparse.Namespace) -> bool:
+    """Every --images folder has images in --split; else say which does not (before tiers load)."""
+    for folder in args.images:
+        problem = check_challenge_folder(folder, args.split, both_labels=False)
+        if problem:
+            logger.error("{}", problem)
+            return False
+    return True
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -62,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 2 or args.batch_size < 1:
         logger.error("--limit must be >= 2 and --batch-size >= 1")
-        return 2
+        return EXIT_USAGE
+    if not check_folders(args):
+        return EXIT_USAGE
     try:
         rep = asyncio.run(run_eval(args.config, args.images, split=args.split, era=args.era,
                                    seed=args.seed, limit=args.limit, calibration_path=args.calibration,

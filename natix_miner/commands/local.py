@@ -11,8 +11,11 @@ When the config's trained head does not exist yet, it is trained first from the 
 `train` split (what `natix-miner train` does), and the challenges are drawn from the `val`
 split so the report is on images the head never saw.
 
-Exit codes: 0 after the report; 1 when training, the images, the port or every answer failed;
-2 for a config error, or a missing artefact with --no-train.
+The report ends with how to read the score and what to try next.
+
+Exit codes: 0 after the report; 1 when training, the port or every answer failed; 2 for bad
+input, caught before any tier loads (a flag value, the config, an image folder that cannot feed
+challenges from the split), or a missing artefact with --no-train.
 """
 
 import argparse
@@ -24,9 +27,14 @@ from pathlib import Path
 
 from loguru import logger
 
+from natix_miner.commands.flags import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_config_arg,
+                                        add_count_arg, add_logging_args, add_split_arg,
+                                        check_challenge_folder, existing_dir, port)
+from natix_miner.commands.serve import configure_logging, report_start_failure
 from natix_miner.toolkit.challenge import ERA_CHOICES
-from natix_miner.commands.serve import (EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_arg,
-                                        add_logging_args, configure_logging, report_start_failure)
+
+# What a miner that guesses (or answers one constant) earns per round: MCC 0, accuracy 0.5.
+GUESS_REWARD = (0.5 * 0.0 + 0.5 * 0.5) ** 3
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -34,16 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         name, help="serve the miner locally and score it with the built-in validator",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arg(parser)
-    parser.add_argument("--images", required=True, type=Path, metavar="DIR",
+    parser.add_argument("--images", required=True, type=existing_dir, metavar="DIR",
                         help="labelled image folder (manifest.csv, or roadwork/ + no_roadwork/)")
     parser.add_argument("--era", default="mixed", choices=ERA_CHOICES,
                         help="validator image era: augmented, letterbox, raw, or mixed (default mixed)")
-    parser.add_argument("-n", "--n", type=int, default=100, dest="n",
-                        help="number of challenges (default 100)")
+    add_count_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="challenge draw seed (default 0)")
-    parser.add_argument("--split", default="val", choices=["val", "train", "all"],
-                        help="split the challenges are drawn from: val, train or all (default val)")
-    parser.add_argument("--axon.port", type=int, default=None, metavar="PORT",
+    add_split_arg(parser)
+    parser.add_argument("--axon.port", type=port, default=None, metavar="PORT",
                         help="port of the local axon (default: any free port)")
     parser.add_argument("--no-train", action="store_true",
                         help="fail (exit 2) instead of training a missing head first")
@@ -67,9 +73,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_local_miner(settings, cascade, port: int, validator_hotkey: str):
+def _start_local_miner(settings, cascade, port: int, validator_hotkey: str, *, quiet: bool = True):
+    import dataclasses
+
     from natix_miner.neuron import BackgroundMiner, Miner, NeuronOptions
 
+    if quiet:  # the validator's table reports every answer; per-request lines would break the bar
+        settings = dataclasses.replace(settings, request_log="off")
     options = NeuronOptions(netuid=settings.netuid, local=True, axon_port=port,
                             allow_hotkeys=(validator_hotkey,), rate_limit_per_minute=0)
     return BackgroundMiner(Miner(settings, cascade, options)).start()
@@ -106,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
         settings, cascade = load_settings(config_path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if not args.images.is_dir():
-        print(f"error: --images {args.images}: not a directory", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE
+    problem = check_challenge_folder(args.images, args.split)
+    if problem:  # before minutes of model loading or training
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     port = getattr(args, "axon.port") or _free_port()
     with tempfile.TemporaryDirectory(prefix="natix-local-validator-") as tmp:
         validator = throwaway_wallet(Path(tmp), name="validator")
@@ -117,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         trained: set[str] = set()
         while runner is None:
             try:
-                runner = _start_local_miner(settings, cascade, port, validator.hotkey.ss58_address)
+                runner = _start_local_miner(settings, cascade, port, validator.hotkey.ss58_address,
+                                            quiet=not (getattr(args, "logging.debug", False)
+                                                       or getattr(args, "logging.trace", False)))
             except Exception as exc:  # noqa: BLE001 - sorted below
                 missing = find_missing_artifact(exc)
                 # Train only the tier whose artefact is missing (tiers that work untrained stay so).
@@ -151,5 +164,26 @@ def run(args: argparse.Namespace) -> int:
         finally:
             logger.info("miner counters: {}", miner.stats())
             runner.stop()
+    print(how_to_read(report, args))
     # As `validate`: a miner that answered nothing valid is a failure, whatever the table says.
     return EXIT_FAILED if report["overall"]["invalid"] == report["n"] else EXIT_OK
+
+
+def how_to_read(report: dict, args: argparse.Namespace) -> str:
+    """The closing lines: what the reward means here, and the next command worth running."""
+    o = report["overall"]
+    reward, invalid = float(o.get("reward") or 0.0), int(o.get("invalid") or 0)
+    read = (f"How to read it: reward is what one validator round pays, "
+            f"(0.5 MCC over 100 + 0.5 accuracy over 10)^3, 1 at best; a miner that guesses earns "
+            f"about {GUESS_REWARD:.2f}. This run: {reward:.3f}.")
+    if invalid:
+        nxt = (f"Next: {invalid} answer(s) were invalid and each scored 0; the miner's log above "
+               "says why (docs/operator.md).")
+    elif reward < 0.2:
+        nxt = (f"Next: the model barely beats guessing on {args.images.name}: train on more "
+               f"labelled frames (natix-miner train --images DIR, then natix-miner calibrate) and "
+               f"see each tier alone with natix-miner eval --images {args.images} (docs/toolkit.md).")
+    else:
+        nxt = (f"Next: natix-miner eval --images {args.images} shows each tier alone; --era raw is "
+               "what validators send now; to go live: docs/operator.md.")
+    return f"{read}\n{nxt}"

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from natix_miner.commands.serve import EXIT_CONFIG, EXIT_OK, add_config_arg, add_wallet_args
+from natix_miner.commands.flags import (EXIT_OK, EXIT_USAGE, add_config_arg, add_wallet_args,
+                                        wallet_from_args)
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -39,8 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 def _wallet_hotkey(args: argparse.Namespace) -> str:
     import bittensor as bt
 
-    wallet = bt.Wallet(name=getattr(args, "wallet.name"), hotkey=getattr(args, "wallet.hotkey"),
-                       path=getattr(args, "wallet.path"))
+    w = wallet_from_args(args)
+    wallet = bt.Wallet(name=w.name, hotkey=w.hotkey, path=w.path)
     try:
         return wallet.hotkeypub.ss58_address
     except Exception:  # noqa: BLE001 - older wallets have no hotkeypub file
@@ -59,20 +60,20 @@ def run(args: argparse.Namespace) -> int:
             cfg = load_cascade_config(resolve_config_path(args.config))
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return EXIT_USAGE
         tiers = ", ".join(f"{t.name} ({t.backend})" for t in cfg.active_tiers)
         description = f"Roadwork detector for SN72: calibrated cascade of {tiers}."
     try:
         hotkey = args.hotkey or _wallet_hotkey(args)
     except Exception as exc:  # noqa: BLE001 - missing wallet files
         print(f"error: no hotkey: {exc}; pass --hotkey SS58", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     try:
         card = build_model_card(model_name=args.model_name, description=description,
                                 version=args.version, hotkey_ss58=hotkey)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     path = write_model_card(args.out, card)
     print(json.dumps(card, indent=2))
     print(f"wrote {path}", file=sys.stderr)

@@ -17,6 +17,8 @@ from typing import Optional
 
 from loguru import logger
 
+from natix_miner.commands.flags import add_config_arg
+
 # Backends whose checkpoint is not a file this machine loads.
 REMOTE_BACKENDS = {"vlm_openai"}
 # Weight formats no backend here loads; skipped to save disk and time.
@@ -48,8 +50,7 @@ def add_parser(subparsers: "argparse._SubParsersAction", name: str) -> argparse.
                     "what is missing. Gated repos (DINOv3, some Llama/Gemma) need HF_TOKEN set and "
                     "the licence accepted on the hub.")
     p.add_argument("action", choices=["pull"], help="what to do: pull (the only action)")
-    p.add_argument("--config", type=Path, default=Path("configs/gpu-1x.yaml"),
-                   help="root YAML config whose tiers' checkpoints to fetch (default: configs/gpu-1x.yaml)")
+    add_config_arg(p)  # the GPU configs are the ones with checkpoints: --config configs/gpu-1x.yaml
     p.add_argument("--dest", type=Path, default=None,
                    help="Hugging Face cache directory to download into (default: the standard cache, "
                         "HF_HUB_CACHE or ~/.cache/huggingface/hub); serve with HF_HUB_CACHE=<dest>")
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     from cascade.errors import ConfigError
 
     try:
-        pulls, notes = plan_pulls(args.config, args.all_tiers)
+        from natix_miner.settings import resolve_config_path
+
+        pulls, notes = plan_pulls(resolve_config_path(args.config), args.all_tiers)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

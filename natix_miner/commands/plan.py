@@ -7,6 +7,7 @@ from pathlib import Path
 from cascade.config import load_cascade_config
 from cascade.errors import ConfigError
 from cascade.placement import format_plan, parse_devices, plan_placement
+from natix_miner.commands.flags import add_config_arg
 
 
 def add_parser(subparsers: "argparse._SubParsersAction", name: str) -> argparse.ArgumentParser:
@@ -17,8 +18,7 @@ def add_parser(subparsers: "argparse._SubParsersAction", name: str) -> argparse.
                     "configured devices (plain 'cuda' tiers first-fit-decreasing) and print a "
                     "per-device table. Exit status 0: fits; 1: does not fit (offending tiers "
                     "named); 2: the config or --devices is malformed.")
-    p.add_argument("--config", type=Path, default=Path("configs/cpu.yaml"),
-                   help="cascade YAML to plan (default: configs/cpu.yaml)")
+    add_config_arg(p)
     p.add_argument("--devices", default=None,
                    help='override the config\'s devices to ask "would this fit on my machine?", '
                         'e.g. "cuda:0=80GiB,cuda:1=80GiB" (sizes in GiB, GB or MiB); tiers pinned '

@@ -9,18 +9,28 @@ type: "miner", model_repo}` to `<app server>/participants/register`, then polls
 `--skip-chain` / `--skip-app-server` run one step only; `--dry-run` prints both (the command and
 the signed JSON) and sends nothing. The uid comes from `--uid`, else from the chain.
 
-Exit codes: 0 registered; 1 refused, failed or timed out; 2 bad flags or config.
+Every wallet and chain flag (`--wallet.name/.hotkey/.path`, `--subtensor.network`,
+`--subtensor.chain_endpoint`, `--netuid`) is passed on to btcli and used for the uid look-up, so
+both steps act on the same keys and the same chain. btcli comes from the `bittensor-cli` package
+(`pip install -c constraints.txt -e .[btcli]`).
+
+Exit codes: 0 registered; 1 btcli, the chain or the application server refused, failed or timed
+out; 2 bad input (flags, config, a wallet that is not on disk).
 """
 
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
 
-from natix_miner.commands.serve import (EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_arg,
-                                        add_wallet_args)
+from natix_miner.commands.flags import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_chain_args,
+                                        add_config_arg, add_wallet_args, chain_from_args,
+                                        wallet_from_args)
+
+BTCLI_INSTALL = "pip install -c constraints.txt -e '.[btcli]'   (the bittensor-cli package)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -30,10 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         name, help="register the hotkey on the subnet (btcli) and with the NATIX app server",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arg(parser)
-    parser.add_argument("--netuid", type=int, default=None,
-                        help="subnet uid: 72 mainnet, 323 testnet (default: miner.netuid, 72)")
-    parser.add_argument("--subtensor.network", default="finney", metavar="NAME",
-                        help="finney (mainnet), test, or a ws:// endpoint (default finney)")
+    add_chain_args(parser)
     add_wallet_args(parser)
     parser.add_argument("--uid", type=int, default=None,
                         help="the hotkey's uid on the subnet (default: looked up on the chain)")
@@ -63,7 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 def _lookup_uid(network: str, netuid: int, hotkey: str) -> int:
     import bittensor as bt
 
-    subtensor = bt.Subtensor(network=network)
+    try:
+        subtensor = bt.Subtensor(network=network)
+    except Exception as exc:  # noqa: BLE001 - DNS, refused, websockets: name the endpoint
+        raise ConnectionError(f"cannot reach the chain at {network} ({exc})") from exc
     try:
         uid = subtensor.get_uid_for_hotkey_on_subnet(hotkey_ss58=hotkey, netuid=netuid)
     finally:
@@ -85,22 +95,24 @@ def run(args: argparse.Namespace) -> int:
         settings, _ = load_settings(resolve_config_path(args.config))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     netuid = args.netuid if args.netuid is not None else settings.netuid
-    network = getattr(args, "subtensor.network")
-    wname, whot, wpath = (getattr(args, "wallet.name"), getattr(args, "wallet.hotkey"),
-                          getattr(args, "wallet.path"))
+    network, endpoint = chain_from_args(args)
+    chain = endpoint or network
+    w = wallet_from_args(args)
+    wname, whot, wpath = w.name, w.hotkey, w.path
     if not args.skip_app_server and not args.model_repo:
         print("error: --model-repo OWNER/NAME is required for the application server "
               "(or pass --skip-app-server)", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
 
     if not args.skip_chain:
-        cmd = btcli_register_command(netuid, wname, whot, network)
+        cmd = btcli_register_command(netuid, wname, whot, chain,
+                                     wallet_path=os.path.expanduser(wpath))
         print("step 1/2, subnet registration:\n  " + " ".join(cmd), flush=True)
         if not args.dry_run:
             if shutil.which(cmd[0]) is None:
-                print("error: btcli not found; install it (pip install bittensor-cli) and rerun, or "
+                print(f"error: btcli not found; install it with\n  {BTCLI_INSTALL}\nand rerun, or "
                       "run the command above yourself and rerun with --skip-chain", file=sys.stderr)
                 return EXIT_FAILED
             code = subprocess.call(cmd)
@@ -113,12 +125,12 @@ def run(args: argparse.Namespace) -> int:
     wallet = bt.Wallet(name=wname, hotkey=whot, path=wpath)
     if not wallet.hotkey_file.exists_on_device():
         print(f"error: hotkey '{whot}' of wallet '{wname}' not found under {wpath}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     hotkey = wallet.hotkey  # may prompt for the hotkey password
     uid = args.uid
     if uid is None:
         try:
-            uid = _lookup_uid(network, netuid, hotkey.ss58_address)
+            uid = _lookup_uid(chain, netuid, hotkey.ss58_address)
         except Exception as exc:  # noqa: BLE001 - chain unreachable or not registered
             print(f"error: cannot find the uid ({exc}); pass --uid", file=sys.stderr)
             return EXIT_FAILED

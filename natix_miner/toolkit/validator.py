@@ -310,8 +310,8 @@ async def run_validation(axon: str, images: Path, era: str = "mixed", n: int = 1
 
         plot_validation([r.reward for r in rounds], [r.score for r in rounds], Path(png_path),
                         invalid=[not r.valid for r in rounds],
-                        title=f"{host}:{port}, era {era}, {n} challenges: final score "
-                              f"{report['overall']['final_score']:.3f}")
+                        title=f"{Path(images).name} ({split or 'all'} split), era {era}, {n} "
+                              f"challenges: final score {report['overall']['final_score']:.3f}")
         logger.info("plot written to {}", png_path)
     if print_table:
         print(format_table(report))
