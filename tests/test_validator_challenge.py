@@ -320,3 +320,35 @@ def test_draw_challenge_labels_are_balanced(tmp_path):
     assert c.label == 1 and "/roadwork/" in c.path and c.meta["era"] == "letterbox"
     with pytest.raises(ValueError, match="no images of label 0"):
         ch.split_by_label([s for s in load_folder(tmp_path) if s.label == 1])
+
+
+def test_caches_of_pipeline_pixels_follow_the_pipeline_version(tmp_path, monkeypatch):
+    """eval's cached tier outputs and train's cached features are keyed by PIPELINE_VERSION, so a
+    corrected pipeline is never scored (or trained) on pixels of the old one."""
+    from types import SimpleNamespace
+
+    from natix_miner.toolkit import training
+    from natix_miner.toolkit.dataset import Sample
+    from natix_miner.toolkit.evaluation import TierCache
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    sample = Sample(path=path, label=1, source="s", split="val")
+    key = TierCache.key("fp", sample, "augmented", 0)
+    calls = []
+
+    def fake_extract(tier, items, **kw):
+        calls.append(kw["copies"])
+        return np.zeros((len(items), 2)), np.ones(len(items)), np.arange(len(items))
+
+    monkeypatch.setattr(training, "extract", fake_extract)
+    tier = SimpleNamespace(name="t", spec=SimpleNamespace(backend="b", checkpoint=None),
+                           describe=lambda: {"options": {}})
+    items = [training.Item(sample=sample, dataset="d")]
+    for _ in range(2):
+        training.cached_extract(tier, items, copies=1, seed=0, batch=1, desc="x", cache_dir=tmp_path / "f")
+    assert calls == [1]                                       # the second run read the cache
+    monkeypatch.setattr(ch, "PIPELINE_VERSION", ch.PIPELINE_VERSION + 1)
+    assert TierCache.key("fp", sample, "augmented", 0) != key
+    training.cached_extract(tier, items, copies=1, seed=0, batch=1, desc="x", cache_dir=tmp_path / "f")
+    assert calls == [1, 1]

@@ -58,6 +58,11 @@ JPEG_QUALITY = 75
 # Studio range: Y in 16-235, Cb/Cr in 16-240 (out of 255).
 _STUDIO_LOW, _STUDIO_Y_HIGH, _STUDIO_C_HIGH = 16, 235, 240
 
+# Bumped whenever the pixels made for a given (image, era, random stream) change, so that what
+# was computed on the old pixels (eval's cached tier outputs, train's cached features) is not
+# reused. 2: the validator's arithmetic (nearest rotation, float resize, truncation, OpenCV).
+PIPELINE_VERSION = 2
+
 ERAS = ("augmented", "letterbox", "raw")
 ERA_CHOICES = ERAS + ("mixed",)
 
