@@ -1,4 +1,5 @@
-"""The serving path stays small: `serve` and `neurons/miner.py` never import the offline toolkit."""
+"""The serving path stays small: `serve` and `neurons/miner.py` never import the offline toolkit
+(nor OpenCV, which only the toolkit's validator image pipeline needs)."""
 
 import subprocess
 import sys
@@ -7,8 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The toolkit, and scikit-learn behind its metrics and calibrate's isotonic fit, stay offline.
-CHECK = ("bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn' or "
+# The toolkit, and what only it needs (scikit-learn behind its metrics and calibrate's isotonic
+# fit, OpenCV behind the validators' image pipeline), stay off the serving path.
+CHECK = ("bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'cv2') or "
          "m == 'natix_miner.toolkit' or m.startswith('natix_miner.toolkit.')); print(bad); "
          "sys.exit(1 if bad else 0)")
 

@@ -80,6 +80,53 @@ async def test_validate_scores_a_running_local_miner(tmp_path, local_miner):
     assert refused["first_error"] is not None and "200" not in refused["status_codes"]
 
 
+async def test_validator_scores_every_round_timeouts_and_nan_included(tmp_path, make_wallet, monkeypatch):
+    """The local validator hands every response to the validator's bookkeeping as it came back:
+    a timeout (-1) takes a slot in the windows (here of 4 and 2 rounds) and a NaN zeroes the
+    windows holding it, so the two timeouts push the NaN out of the window one round early."""
+    from types import SimpleNamespace
+
+    from natix_miner.toolkit import validator as val
+    from natix_miner.toolkit.scoring import ScoringRules
+
+    images = tmp_path / "images"
+    images.mkdir()
+    write_folder(images)
+    script = [(1, 0.9), (0, 0.1), (1, float("nan")), (1, -1.0), (0, -1.0), (0, 0.1), (1, 0.9)]
+    answers = iter(a for _, a in script)
+
+    class ScriptedDendrite:
+        async def forward(self, axons, synapse, timeout, deserialize):
+            got = next(answers)
+            return [SimpleNamespace(prediction=got, dendrite=SimpleNamespace(
+                status_code=408 if got == -1.0 else 200, status_message=""))]
+
+        async def aclose_session(self):
+            pass
+
+    monkeypatch.setattr(val, "make_dendrite", lambda wallet, ip: ScriptedDendrite())
+    drawn = []
+    real_draw = val.ch.draw_challenge
+
+    def draw(pools, era, rng, label=None):    # the labels the script answers
+        drawn.append(real_draw(pools, era, rng, label=script[len(drawn)][0]))
+        return drawn[-1]
+
+    monkeypatch.setattr(val.ch, "draw_challenge", draw)
+    rep = await run_validation("127.0.0.1:1", images, "letterbox", len(script), 0, hotkey="5" * 48,
+                               wallet=make_wallet("v"), progress=False,
+                               rules=ScoringRules(window=4, short_window=2))
+    rounds = rep["rounds"]
+    assert [r["valid"] for r in rounds] == [True, True, False, False, False, True, True]
+    # 1: one class -> MCC 0, acc 1; 2: perfect; 3: NaN; 4, 5: timeouts; 6: the window of 4 still
+    # holds the NaN (MCC 0), the window of 2 holds one right answer; 7: the window of 4 is rounds
+    # 4-7, the NaN is out: perfect. (Leaving the -1s out would keep the NaN in and pay 0.125.)
+    assert [r["reward"] for r in rounds] == [0.125, 1.0, 0.0, 0.0, 0.0, 0.125, 1.0]
+    assert [r["zeroed"] for r in rounds] == [False, False, True, True, True, True, False]
+    assert rounds[6]["mcc_window"] == 1.0 and rounds[5]["accuracy_window"] == 1.0
+    assert rep["overall"]["invalid"] == 3
+
+
 def test_validate_command_end_to_end(tmp_path, local_miner, capsys):
     from natix_miner.commands import validate
 

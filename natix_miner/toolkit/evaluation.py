@@ -88,7 +88,8 @@ class TierCache:
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "?"
-        return hashlib.sha1(f"{fingerprint}|{sample.path}|{stamp}|{era}|{seed}".encode()).hexdigest()
+        return hashlib.sha1(f"{fingerprint}|{sample.path}|{stamp}|{era}|{seed}|"
+                            f"pipeline{ch.PIPELINE_VERSION}".encode()).hexdigest()
 
     def get(self, key: str) -> Optional[float] | str:
         return self.data.get(key, "missing")

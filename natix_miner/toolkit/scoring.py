@@ -1,18 +1,26 @@
-"""The subnet's scoring of a miner, to the letter of SN72_PROTOCOL.md, plus its offline expectation.
+"""The subnet's scoring of a miner, exactly as its validators compute it, plus its offline expectation.
 
-Rules reproduced:
-- per miner, the validator keeps the last 100 answers and labels; the history is reset when the
-  hotkey behind a uid changes; an answer of -1 (timeout, error, blacklist) is not recorded;
-- reward = (0.5 * MCC over the last 100 + 0.5 * accuracy over the last 10) ** 3, predictions
-  binarised with numpy round (0.5 -> 0);
-- MCC is floored at 0 and is 0 when the window holds one true class or one predicted class;
-- a round's reward is 0 for an invalid answer (-1, < 0, > 1, NaN);
-- score = 0.05 * reward + 0.95 * score (queried miners only).
+Rules reproduced (SN72_PROTOCOL.md, "Scoring"; checked against the subnet's validator code):
+- per miner the validator keeps the last 100 rounds, EVERY round: a -1 (timeout, error, refusal)
+  takes its slot too. The history is reset when the hotkey behind a uid changes;
+- each round, the windows of the last 100 and the last 10 rounds are cut first, and only then are
+  the -1 answers dropped from them: a -1 shrinks the window that is scored instead of being
+  skipped (a window of -1 only scores 0);
+- the answers left are binarised with numpy `round` (0.5 -> 0; -0.2 -> 0, so a negative answer
+  other than -1 counts as "no roadwork"; 1.2 -> 1; 1.7 -> 2);
+- the metrics are computed with scikit-learn, binary, positive label 1. Whenever that raises, the
+  validator replaces every metric of that window by 0. It raises when a window holds a NaN or
+  infinite answer, or when the labels and rounded answers together are not a binary problem with
+  label 1 in it (an answer that rounds to 2 or -1 next to both labels, say). So ONE answer of NaN
+  or 1.7 zeroes the accuracy term for the next 10 rounds and the MCC term for the next 100;
+- MCC is max(0, MCC), and 0 unless the window holds both true classes and both predicted classes;
+- reward = (0.5 * MCC(100) + 0.5 * accuracy(10)) ** 3, and 0 for a round whose own answer is -1
+  or outside [0, 1] (a NaN answer is not "outside", but its windows score 0 anyway);
+- score = 0.05 * reward + 0.95 * score in float32 (the validator's score vector is float32), for
+  the queried miners only.
 
-Where the facts are silent: an invalid answer other than -1 (NaN, 1.7, -0.2) is still recorded in
-the windows, as the validator only filters -1; it counts there as a wrong prediction. The numbers
-(window sizes, weights, exponent, EMA factor) are a `ScoringRules` so a protocol revision is a
-config change, not an edit through the code.
+The numbers (window sizes, weights, exponent, EMA factor) are a `ScoringRules`, so a protocol
+revision is a change of configuration, not an edit through the code.
 """
 
 from __future__ import annotations
@@ -20,21 +28,24 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from natix_miner.toolkit.metrics import binarize
 from natix_miner.toolkit.metrics import mcc as metrics_mcc
 
+# The prediction a validator reads when the miner did not answer (the synapse's default).
+NO_ANSWER = -1.0
+
 
 @dataclass(frozen=True)
 class ScoringRules:
     """The numbers of the subnet's reward; defaults are the last active protocol (v0.4.1)."""
 
-    # Answers kept per miner for MCC.
+    # Rounds kept per miner and used for MCC.
     window: int = 100
-    # Most recent answers used for the accuracy term.
+    # Most recent rounds used for the accuracy term.
     short_window: int = 10
     # Weight of MCC (the accuracy term gets 1 - this).
     mcc_weight: float = 0.5
@@ -47,10 +58,8 @@ class ScoringRules:
 DEFAULT_RULES = ScoringRules()
 
 
-def is_valid_answer(answer: Optional[float]) -> bool:
-    """A prediction the validator accepts: a finite number in [0, 1]."""
-    if answer is None:
-        return False
+def is_valid_answer(answer: Any) -> bool:
+    """A prediction that can earn a reward: a finite number in [0, 1]."""
     try:
         a = float(answer)
     except (TypeError, ValueError):
@@ -58,25 +67,63 @@ def is_valid_answer(answer: Optional[float]) -> bool:
     return not math.isnan(a) and 0.0 <= a <= 1.0
 
 
-def _as_prediction(answer: float, label: int) -> int:
-    """Binarise a recorded answer; an out-of-range or NaN answer is recorded as wrong."""
-    return int(binarize([answer])[0]) if is_valid_answer(answer) else 1 - int(label)
+def recorded_answer(answer: Any) -> float:
+    """What the validator records for a round: the prediction as a float; -1 when there is none
+    (a failed query leaves the synapse's default -1 in place)."""
+    if answer is None:
+        return NO_ANSWER
+    try:
+        return float(answer)
+    except (TypeError, ValueError):
+        return NO_ANSWER
 
 
-def window_mcc(labels: Sequence[int], answers: Sequence[float]) -> float:
-    """The validator's MCC over a window: floored at 0, 0 with one true or one predicted class."""
-    y = np.asarray(labels, dtype=np.int64)
-    p = np.asarray([_as_prediction(a, l) for a, l in zip(answers, labels)], dtype=np.int64)
-    if y.size == 0 or len(np.unique(y)) < 2 or len(np.unique(p)) < 2:
-        return 0.0
-    return max(0.0, metrics_mcc(y, p))
+@dataclass(frozen=True)
+class WindowMetrics:
+    """What the validator computes over one window of rounds."""
+
+    accuracy: float
+    mcc: float
+    # Rounds scored: the window's rounds less its -1 answers.
+    n: int
+    # True when the metric computation raised and every metric was replaced by 0.
+    poisoned: bool = False
 
 
-def window_accuracy(labels: Sequence[int], answers: Sequence[float]) -> float:
-    """Share of correct binarised answers in a window (0 for an empty window)."""
-    if len(labels) == 0:
-        return 0.0
-    return float(np.mean([_as_prediction(a, l) == int(l) for a, l in zip(answers, labels)]))
+_EMPTY = WindowMetrics(accuracy=0.0, mcc=0.0, n=0)
+
+
+def _metrics_raise(labels: np.ndarray, rounded: np.ndarray) -> bool:
+    """Whether scikit-learn's binary metrics (positive label 1) raise on these rounded answers.
+
+    They do on a non-finite value; on a value no integer type holds (it is then "continuous");
+    on more than two distinct values among labels and answers ("multiclass" with a binary average);
+    and on two distinct values of which none is 1 ("pos_label=1 is not a valid label").
+    """
+    if not np.all(np.isfinite(rounded)) or np.any(np.abs(rounded) >= 2.0 ** 63):
+        return True
+    present = set(np.unique(labels).tolist()) | set(np.unique(rounded).tolist())
+    return len(present) > 2 or (len(present) == 2 and 1 not in present)
+
+
+def window_metrics(labels: Sequence[int], answers: Sequence[float]) -> WindowMetrics:
+    """The validator's metrics over one window already cut to its length (oldest first).
+
+    -1 answers are dropped here, after the cut; everything else counts, rounded by numpy.
+    """
+    keep = [i for i, a in enumerate(answers) if a != NO_ANSWER]
+    if not keep:
+        return _EMPTY
+    y = np.asarray([labels[i] for i in keep], dtype=np.int64)
+    rounded = np.round(np.asarray([answers[i] for i in keep], dtype=np.float64))
+    if _metrics_raise(y, rounded):
+        return WindowMetrics(accuracy=0.0, mcc=0.0, n=len(keep), poisoned=True)
+    acc = float(np.mean(rounded == y))
+    if len(np.unique(y)) > 1 and len(np.unique(rounded)) > 1:
+        m = max(0.0, float(metrics_mcc(y, rounded.astype(np.int64))))
+    else:
+        m = 0.0
+    return WindowMetrics(accuracy=acc, mcc=m, n=len(keep))
 
 
 def reward_from_metrics(mcc_long: float, acc_short: float, rules: ScoringRules = DEFAULT_RULES) -> float:
@@ -84,28 +131,51 @@ def reward_from_metrics(mcc_long: float, acc_short: float, rules: ScoringRules =
     return float((rules.mcc_weight * mcc_long + (1.0 - rules.mcc_weight) * acc_short) ** rules.exponent)
 
 
-def reward(labels: Sequence[int], answers: Sequence[float], answer: Optional[float] = None,
-           rules: ScoringRules = DEFAULT_RULES) -> float:
-    """The round's reward given the miner's recorded window (oldest first, this round included).
+@dataclass(frozen=True)
+class RoundScore:
+    """One round as the validator scores it: the reward, the two windows behind it, the score."""
 
-    `answer` is this round's raw answer; when it is invalid the round earns 0 whatever the window.
-    """
-    if answer is not None and not is_valid_answer(answer):
+    reward: float
+    long: WindowMetrics
+    short: WindowMetrics
+    score: float
+
+
+def round_reward(answer: float, long: WindowMetrics, short: WindowMetrics,
+                 rules: ScoringRules = DEFAULT_RULES) -> float:
+    """The round's reward: 0 for -1 or an answer outside [0, 1], else the formula on the windows."""
+    if answer == NO_ANSWER or answer < 0.0 or answer > 1.0:
         return 0.0
-    labels, answers = list(labels)[-rules.window:], list(answers)[-rules.window:]
-    m = window_mcc(labels, answers)
-    a = window_accuracy(labels[-rules.short_window:], answers[-rules.short_window:])
-    return reward_from_metrics(m, a, rules)
+    return reward_from_metrics(long.mcc, short.accuracy, rules)
+
+
+def score_history(labels: Sequence[int], answers: Sequence[float],
+                  rules: ScoringRules = DEFAULT_RULES) -> tuple[float, WindowMetrics, WindowMetrics]:
+    """Reward and windows of the round that ends a recorded history (oldest first, this round
+    last, -1 answers included)."""
+    labels, answers = list(labels), [recorded_answer(a) for a in answers]
+    if not answers:
+        raise ValueError("a history needs at least this round")
+    long = window_metrics(labels[-rules.window:], answers[-rules.window:])
+    short = window_metrics(labels[-rules.short_window:], answers[-rules.short_window:])
+    return round_reward(answers[-1], long, short, rules), long, short
+
+
+def reward(labels: Sequence[int], answers: Sequence[float], rules: ScoringRules = DEFAULT_RULES) -> float:
+    """The reward of the last round of a recorded history (see `score_history`)."""
+    return score_history(labels, answers, rules)[0]
 
 
 def ema(score: float, round_reward: float, rules: ScoringRules = DEFAULT_RULES) -> float:
-    """The validator's moving average of rewards."""
-    return rules.ema_alpha * round_reward + (1.0 - rules.ema_alpha) * score
+    """The validator's moving average, in float32 as its score vector is kept."""
+    a = np.float32(rules.ema_alpha)
+    b = np.float32(1.0 - rules.ema_alpha)
+    return float(a * np.float32(round_reward) + b * np.float32(score))
 
 
 @dataclass
 class MinerRecord:
-    """One miner's state at a validator: its hotkey, windows and score."""
+    """One miner's state at a validator: its hotkey, its last rounds and its score."""
 
     hotkey: str
     answers: deque = field(default_factory=deque)
@@ -114,7 +184,8 @@ class MinerRecord:
 
 
 class ScoreTracker:
-    """A validator's per-uid bookkeeping: windows reset on a new hotkey, -1 left out, EMA score."""
+    """A validator's per-uid bookkeeping: every round recorded, windows reset on a new hotkey,
+    float32 EMA score."""
 
     def __init__(self, rules: ScoringRules = DEFAULT_RULES) -> None:
         self.rules = rules
@@ -128,16 +199,14 @@ class ScoreTracker:
             self.miners[uid] = rec
         return rec
 
-    def update(self, uid: int, hotkey: str, answer: Optional[float], label: int) -> float:
-        """Record one round; return its reward (the score moves by the EMA)."""
+    def update(self, uid: int, hotkey: str, answer: Any, label: int) -> RoundScore:
+        """Record one round (None or a failed query counts as -1) and score it."""
         rec = self._record(uid, hotkey)
-        a = -1.0 if answer is None else float(answer)
-        if a != -1.0:
-            rec.answers.append(a)
-            rec.labels.append(int(label))
-        r = reward(rec.labels, rec.answers, answer=a, rules=self.rules)
+        rec.answers.append(recorded_answer(answer))
+        rec.labels.append(int(label))
+        r, long, short = score_history(rec.labels, rec.answers, self.rules)
         rec.score = ema(rec.score, r, self.rules)
-        return r
+        return RoundScore(reward=r, long=long, short=short, score=rec.score)
 
     def score(self, uid: int) -> float:
         rec = self.miners.get(uid)
@@ -153,38 +222,28 @@ def expected_reward(probs: Sequence[float], labels: Sequence[int], *, draws: int
     binomially) and a uniformly chosen example of that label, with replacement. For each window
     the formula is applied as-is: floored MCC over the whole window with the one-class rules,
     accuracy over its last `rules.short_window`, cubed mix. The mean over windows is returned.
-    This is the steady-state reward of a miner whose answers on validator images behave like
-    `probs` on this data; it needs both labels present and is NaN otherwise. Invalid answers in
-    `probs` (NaN, outside [0, 1]) count as wrong, as in the windows.
+    This is the steady-state reward of a miner that answers every challenge and whose answers on
+    validator images behave like `probs` on this data; it needs both labels present and is NaN
+    otherwise. `probs` must be valid answers (finite, in [0, 1]): anything else zeroes whole
+    windows at a validator, which `ScoreTracker` reproduces round by round.
     """
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
+    bad = ~(np.isfinite(p) & (p >= 0) & (p <= 1))
+    if bad.any():
+        raise ValueError(f"expected_reward takes valid answers (finite, in [0, 1]); got "
+                         f"{p[bad][0]!r} among {int(bad.sum())} invalid ones")
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     if pos.size == 0 or neg.size == 0:
         return float("nan")
-    valid = np.isfinite(p) & (p >= 0) & (p <= 1)
-    pred = np.where(valid, np.round(np.where(valid, p, 0.0)), 1 - y).astype(np.int64)
-    correct_pos = pred[pos] == 1
-    correct_neg = pred[neg] == 0
+    pred = binarize(p)
     rng = np.random.default_rng(seed)
     w, k = rules.window, rules.short_window
     lab = rng.integers(0, 2, size=(draws, w))
-    hit = np.where(lab == 1,
-                   correct_pos[rng.integers(0, pos.size, size=(draws, w))],
-                   correct_neg[rng.integers(0, neg.size, size=(draws, w))])
-    tp = np.sum((lab == 1) & hit, axis=1).astype(np.float64)
-    fn = np.sum((lab == 1) & ~hit, axis=1).astype(np.float64)
-    tn = np.sum((lab == 0) & hit, axis=1).astype(np.float64)
-    fp = np.sum((lab == 0) & ~hit, axis=1).astype(np.float64)
-    denom = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)   # 0 <=> one true or one predicted class
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = np.where(denom > 0, (tp * tn - fp * fn) / np.sqrt(np.where(denom > 0, denom, 1.0)), 0.0)
-    m = np.maximum(m, 0.0)
-    acc = hit[:, w - k:].mean(axis=1)
-    r = (rules.mcc_weight * m + (1.0 - rules.mcc_weight) * acc) ** rules.exponent
-    return float(r.mean())
-
-
-def mcc(y_true: Sequence[int], y_pred: Sequence[float]) -> float:
-    """The validator's MCC (floored, 0 with one class); `y_pred` may be 0/1 or probabilities."""
-    return window_mcc(y_true, y_pred)
+    # each challenge: an example of its label; the miner's rounded answer on that example
+    answer = np.where(lab == 1, pred[pos][rng.integers(0, pos.size, size=(draws, w))],
+                      pred[neg][rng.integers(0, neg.size, size=(draws, w))])
+    # metrics.mcc is 0 where one true or one predicted class leaves it undefined, as validators do
+    m = np.array([max(0.0, metrics_mcc(lab[d], answer[d])) for d in range(draws)])
+    acc = (answer[:, w - k:] == lab[:, w - k:]).mean(axis=1)
+    return float(np.mean([reward_from_metrics(mm, aa, rules) for mm, aa in zip(m, acc)]))

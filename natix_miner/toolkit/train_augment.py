@@ -6,7 +6,9 @@ frames; natix_miner.toolkit.challenge) and under conditions the dev data lacks (
 motion blur, real JPEG loss, occluders) makes the features it learns from cover what it meets.
 
 Every function is deterministic given the `numpy.random.Generator`; the photometric ones keep the
-image's size and mode (RGB in, RGB out). numpy + PIL only.
+image's size and mode (RGB in, RGB out). The condition distortions here are numpy + PIL; the
+validator eras are `challenge.apply_era` itself (its arithmetic, OpenCV included), never a copy,
+so training sees exactly what `local`, `eval` and `calibrate` score.
 """
 
 from __future__ import annotations

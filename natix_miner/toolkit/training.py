@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cascade.config import load_cascade_config
 from cascade.tier import TrainableTier
 from models.registry import build_tier
-from natix_miner.toolkit import metrics
+from natix_miner.toolkit import challenge, metrics
 from natix_miner.toolkit.dataset import Sample, load_folder, select
 from natix_miner.toolkit.train_augment import random_training_view
 
@@ -130,7 +130,8 @@ def cached_extract(tier: TrainableTier, items: Sequence[Item], *, copies: int, s
     """`extract`, reusing features saved by an earlier run with the same tier, options and data.
 
     The key hashes what the shell can see: the tier's name, backend, checkpoint and options
-    (`describe()`), the (path, label) list, the copies and the seed. Refitting a head with other
+    (`describe()`), the (path, label) list, the copies, the seed and the validator pipeline's
+    version (augmented copies are made with it). Refitting a head with other
     settings, or scoring an ablation, then costs seconds instead of a feature extraction.
     """
     if cache_dir is None:
@@ -138,7 +139,7 @@ def cached_extract(tier: TrainableTier, items: Sequence[Item], *, copies: int, s
     key_src = {"tier": tier.name, "backend": tier.spec.backend, "checkpoint": tier.spec.checkpoint,
                "describe": {k: v for k, v in tier.describe().items() if k in ("options", "weights")},
                "data": data_fingerprint(items), "order": [str(it.sample.path) for it in items],
-               "copies": copies, "seed": seed}
+               "copies": copies, "seed": seed, "pipeline": challenge.PIPELINE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{tier.name}-{key}.npz"
     if path.exists():

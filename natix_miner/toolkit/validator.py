@@ -49,6 +49,12 @@ class Round:
     valid: bool
     reward: float
     score: float
+    # The validator's windows behind this round's reward (MCC of the last 100, accuracy of the
+    # last 10; -1 answers take their slot and are dropped after the cut); `zeroed` when a NaN or
+    # out-of-range answer in a window made the validator's metrics raise and read 0.
+    mcc_window: float
+    accuracy_window: float
+    zeroed: bool
     latency_ms: float
     status_code: Optional[int]
     status_message: str
@@ -260,10 +266,13 @@ async def run_validation(axon: str, images: Path, era: str = "mixed", n: int = 1
             status = getattr(getattr(resp, "dendrite", None), "status_code", None)
             message = str(getattr(getattr(resp, "dendrite", None), "status_message", "") or "")
             valid = is_valid_answer(prediction)
-            r = tracker.update(0, hotkey, prediction, c.label)
+            scored = tracker.update(0, hotkey, prediction, c.label)   # every round, -1 included
             rounds.append(Round(index=i, era=c.meta["era"], label=c.label,
                                 prediction=_json_number(prediction),
-                                valid=valid, reward=r, score=tracker.score(0), latency_ms=latency_ms,
+                                valid=valid, reward=scored.reward, score=scored.score,
+                                mcc_window=scored.long.mcc, accuracy_window=scored.short.accuracy,
+                                zeroed=scored.long.poisoned or scored.short.poisoned,
+                                latency_ms=latency_ms,
                                 status_code=None if status is None else int(status),
                                 status_message=message, source=c.source, path=c.path,
                                 level=c.meta.get("level")))
