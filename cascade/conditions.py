@@ -53,10 +53,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from cascade.config import ConditionsConfig
+from cascade.config import CONDITION_NAMES, ConditionsConfig
 
 SCORED = ("rain", "fog", "glare", "motion_blur")
-CONDITIONS = ("day", "night", "low_contrast", "blur") + SCORED
+CONDITIONS = CONDITION_NAMES  # ("day", "night", "low_contrast", "blur") + SCORED
 # Order in which a condition's own calibration is chosen when an image has several
 # (see `cascade.calibration.CalibrationSet.decision_for`): the ones that change tiers most first.
 PRIORITY = ("night", "fog", "rain", "glare", "motion_blur", "blur", "low_contrast")

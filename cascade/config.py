@@ -21,6 +21,8 @@ import yaml
 from cascade.errors import ConfigError
 
 CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "identity")
+# The image conditions `cascade.conditions` estimates (named here so config keys can be checked).
+CONDITION_NAMES = ("day", "night", "low_contrast", "blur", "rain", "fog", "glare", "motion_blur")
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "fp8": 1, "int8": 1, "int4": 0.5, "nvfp4": 0.5, "awq": 0.5, "gptq": 0.5}
@@ -225,7 +227,8 @@ class RouterConfig:
     threshold: float = 0.5
     # Stop after a tier when |p - threshold| >= margin.
     margin: float = 0.35
-    # Per image condition margins (day, night, low_contrast, blur) overriding `margin`.
+    # Per image condition margins (night, low_contrast, blur, rain, fog, glare, motion_blur, day)
+    # overriding `margin`.
     condition_margins: dict[str, float] = field(default_factory=dict)
     # Minimum number of tiers that must answer before the router may stop.
     min_tiers: int = 1
@@ -233,6 +236,10 @@ class RouterConfig:
     def validate(self, source: str, prefix: str) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(source, f"{prefix}.threshold", "a number in (0, 1)", self.threshold)
+        unknown = sorted(set(self.condition_margins) - set(CONDITION_NAMES))
+        if unknown:
+            raise ConfigError(source, f"{prefix}.condition_margins.{unknown[0]}",
+                              f"one of {list(CONDITION_NAMES)} (unknown condition)")
         for key, m in {"margin": self.margin, **{f"condition_margins.{k}": v
                                                   for k, v in self.condition_margins.items()}}.items():
             if not 0.0 <= m <= 0.5:

@@ -137,3 +137,13 @@ def test_tiny_and_odd_images_do_not_break_the_estimate():
     for im in (Image.new("RGB", (4, 3)), Image.new("L", (300, 200), 128), Image.new("RGB", (2000, 20), (250, 250, 250))):
         c = estimate_conditions(im)
         assert all(0.0 <= c[f"{n}_score"] <= 1.0 for n in SCORED)
+
+
+def test_a_misspelt_condition_margin_is_refused():
+    from cascade.config import build_dataclass
+    from cascade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"router.condition_margins.fogg"):
+        build_dataclass(RouterConfig, {"condition_margins": {"fogg": 0.4}}, source="x.yaml", prefix="router")
+    assert build_dataclass(RouterConfig, {"condition_margins": {"fog": 0.45}}, source="x.yaml",
+                           prefix="router").condition_margins == {"fog": 0.45}
