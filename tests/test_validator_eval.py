@@ -195,3 +195,37 @@ def test_calibrate_that_worsens_held_out_ece_keeps_the_current_file(setup, tmp_p
     assert code == 0 and "although worse (--force)" in out
     assert path.read_bytes() != before
     assert json.loads(path.read_text())["metrics"]["holdout"]["forced"] is True
+
+
+def test_calibrate_fits_condition_maps_that_eval_then_compares_with_pooled(setup, tmp_path, capsys):
+    from natix_miner.commands import calibrate
+
+    from PIL import Image
+
+    from natix_miner.toolkit.train_augment import fog
+
+    config, images = setup
+    with open(images / "manifest.csv", "a") as fh:            # foggy frames of both labels
+        for label in (0, 1):
+            for i in range(1, 4):
+                name = f"fog_{label}_{i}.jpg"
+                fog(Image.open(images / f"img_{label}_{i}.jpg"), np.random.default_rng(i)).save(images / name)
+                fh.write(f"{name},{label},synthetic-{label},train\n")
+    path = tmp_path / "artifacts" / "calibration.json"
+    args = _parse(calibrate, ["calibrate", "--config", str(config), "--images", str(images), "--split",
+                              "all", "--era", "letterbox", "--holdout-fraction", "0", "--force",
+                              "--condition-min-images", "2", "--condition-min-per-label", "1",
+                              "--no-progress"])
+    assert args.func(args) == 0
+    cal = CalibrationSet.load(path)
+    out = capsys.readouterr().out
+    assert "fog" in cal.conditions and "own t*" in out, out
+    rep = asyncio.run(evaluation.run_eval(config, [images], split="all", era="letterbox", progress=False))
+    assert sum(v["n_condition_maps"] for v in rep["by_condition"].values()) > 0
+    assert rep["by_condition"]["fog"]["n_condition_maps"] > 0
+    # the pooled column is exactly the cascade under the same file without its condition maps
+    cal.pooled_only().save(tmp_path / "pooled.json")
+    pooled = asyncio.run(evaluation.run_eval(config, [images], split="all", era="letterbox",
+                                             calibration_path=tmp_path / "pooled.json", progress=False))
+    for name in cal.conditions:
+        assert rep["by_condition"][name]["pooled"] == pooled["by_condition"][name]["condition_aware"]

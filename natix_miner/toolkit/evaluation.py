@@ -628,10 +628,14 @@ async def run_calibration(config: Path, folders: Sequence[Path], *, split: Optio
         m = np.array([hc.get(c) is True for hc in hold_conds], dtype=bool)
         fitted = cal.conditions.get(c)
         n_fit = int(out.flags(c)[fit_idx].sum())
+        n_fit_pos = int(y[fit_idx][out.flags(c)[fit_idx]].sum())
         if not m.any() and fitted is None and n_fit == 0:
             continue
         by_condition[c] = {
-            "n_fit": n_fit, "n_holdout": int(m.sum()), "own_maps": fitted is not None,
+            "n_fit": n_fit, "n_fit_positive": n_fit_pos, "n_holdout": int(m.sum()),
+            "own_maps": fitted is not None,
+            "n_own_maps_fit": None if fitted is None else fitted.n,
+            "n_own_maps_fit_positive": None if fitted is None else fitted.n_positive,
             "t_star": None if fitted is None else fitted.threshold_map.t_star,
             "n_own_maps_holdout": int(np.sum(m & (decisions != POOLED))),
             "pooled": figures(pooled_final[m], yh[m], seed=seed) if m.any() else None,
@@ -687,12 +691,15 @@ def format_calibration(summary: dict[str, Any]) -> str:
         lines.append(f"per condition (own maps need >= {cm.get('images')} fitting images, >= "
                      f"{cm.get('per_label')} per label); held-out MCC / ECE / reward, pooled -> own:")
         for c, v in conds.items():
-            head = f"  {c:<13} fit {v['n_fit']:>4}, held-out {v['n_holdout']:>4}"
+            head = f"  {c:<13} in fit {v['n_fit']:>4}, held-out {v['n_holdout']:>4}"
             if not v["own_maps"]:
-                lines.append(f"{head}: pooled maps (too few images)")
+                lines.append(f"{head}: pooled maps (too few: {v['n_fit_positive']} roadwork, "
+                             f"{v['n_fit'] - v['n_fit_positive']} none)")
                 continue
             p, o = v["pooled"] or {}, v["condition_aware"] or {}
-            lines.append(f"{head}: own t* {v['t_star']:.4f}; MCC {f(p.get('mcc')).strip()} -> "
+            lines.append(f"{head}: own t* {v['t_star']:.4f} from {v['n_own_maps_fit']} images "
+                         f"({v['n_own_maps_fit_positive']} roadwork; earlier conditions took the rest); "
+                         f"MCC {f(p.get('mcc')).strip()} -> "
                          f"{f(o.get('mcc')).strip()}, ECE {f(p.get('ece')).strip()} -> "
                          f"{f(o.get('ece')).strip()}, reward {f(p.get('reward')).strip()} -> "
                          f"{f(o.get('reward')).strip()}")
