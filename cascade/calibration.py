@@ -9,12 +9,18 @@ Three steps, fitted by `natix-miner calibrate` on labelled images the tiers neve
    as "no roadwork". The threshold t* that maximises the subnet reward on the labelled data is
    found on the fused probability, and a monotone piecewise-linear map sends 0 -> 0, t* -> 0.5+eps
    and 1 -> 1, so "fused >= t*" is exactly "emitted rounds to 1" while the emitted value stays a
-   probability-like, order-preserving number.
+   probability-like, order-preserving number;
+4. per condition (night, fog, rain, glare, motion blur, blur, low contrast; `cascade.conditions`)
+   with enough labelled images (`engine.conditions.calibration_min_images` and `..._per_label`),
+   its own consensus weights and threshold map, fitted on that condition's images on top of the
+   pooled per-tier maps. The engine applies them to an image in that condition (the first one in
+   `PRIORITY` order when it is in several) and the pooled ones to every other image.
 
 Everything is numpy/scipy: the engine knows no model library. The fitted set is one JSON file;
 a missing file means identity everywhere (with a warning), a malformed one is a clear error.
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,6 +31,7 @@ import numpy as np
 from loguru import logger
 from scipy import optimize
 
+from cascade.conditions import PRIORITY
 from cascade.config import CALIBRATION_METHODS
 from cascade.consensus import clip_prob, fuse_matrix, logit, sigmoid
 from cascade.errors import ConfigError
@@ -45,9 +52,18 @@ def _as_arrays(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     return p, y
 
 
-def _nll(p: np.ndarray, y: np.ndarray) -> float:
+def _nll(p: np.ndarray, y: np.ndarray, w: Optional[np.ndarray] = None) -> float:
     q = clip_prob(p)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+    return float(-np.average(y * np.log(q) + (1 - y) * np.log1p(-q), weights=w))
+
+
+def class_balanced_weights(y: np.ndarray) -> np.ndarray:
+    """Per-row weights giving each label half the total (validators draw labels 50/50)."""
+    y = np.asarray(y, dtype=np.float64)
+    n_pos, n_neg = y.sum(), (1 - y).sum()
+    if n_pos == 0 or n_neg == 0:
+        return np.ones_like(y)
+    return np.where(y == 1, 0.5 / n_pos, 0.5 / n_neg) * y.size
 
 
 # --------------------------------------------------------------------------- per-tier calibrators
@@ -181,12 +197,13 @@ def fit_calibrator(probs: Any, labels: Any, method: str) -> Calibrator:
 # --------------------------------------------------------------------------- consensus weights
 
 def fit_weights(prob_matrix: Any, labels: Any, prior: Sequence[float], *,
-                shrinkage: float = 0.05) -> np.ndarray:
+                shrinkage: float = 0.05, sample_weight: Optional[Any] = None) -> np.ndarray:
     """Consensus weights (normalised to sum 1) maximising the fused log-likelihood.
 
     `prob_matrix` is [N, T] calibrated probabilities with NaN where a tier did not answer.
     The objective is the mean negative log-likelihood of the fused probability plus
     `shrinkage * sum((w - prior)^2)` on normalised weights: with little data the prior wins.
+    `sample_weight` (per row) weighs the likelihood, e.g. `class_balanced_weights(labels)`.
     """
     P = np.asarray(prob_matrix, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
@@ -198,6 +215,7 @@ def fit_weights(prob_matrix: Any, labels: Any, prior: Sequence[float], *,
     prior_arr = np.clip(np.nan_to_num(prior_arr, nan=0.0), 0.0, None)
     prior_n = prior_arr / prior_arr.sum() if prior_arr.sum() > 0 else np.full(P.shape[1], 1 / P.shape[1])
     rows = np.isfinite(P).any(axis=1) & np.isfinite(y)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).reshape(-1)[rows]
     P, y = P[rows], y[rows]
     if P.shape[1] == 1 or P.shape[0] < 2 or y.min() == y.max():
         return prior_n
@@ -205,7 +223,7 @@ def fit_weights(prob_matrix: Any, labels: Any, prior: Sequence[float], *,
     def objective(w: np.ndarray) -> float:
         s = w.sum()
         wn = w / s if s > 0 else prior_n
-        return _nll(fuse_matrix(P, wn), y) + shrinkage * float(np.sum((wn - prior_n) ** 2))
+        return _nll(fuse_matrix(P, wn), y, sw) + shrinkage * float(np.sum((wn - prior_n) ** 2))
 
     res = optimize.minimize(objective, x0=prior_n.copy(), method="L-BFGS-B",
                             bounds=[(0.0, 1.0)] * P.shape[1])
@@ -355,6 +373,87 @@ def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> float
     return float(np.sum(b["count"][full] / n * gap))
 
 
+# --------------------------------------------------------------------------- per-condition maps
+
+POOLED = "pooled"
+
+
+def resolve_weights(fitted: Mapping[str, float], priors: Mapping[str, float]) -> dict[str, float]:
+    """Consensus weight of every tier in `priors`: the fitted one where there is one, else the
+    config prior rescaled onto the fitted scale (fitted weights sum to 1, priors are often 1 each,
+    so an unscaled prior of a tier added after calibrating would outvote every fitted tier)."""
+    known = {n: float(w) for n, w in fitted.items() if n in priors}
+    prior_mass = sum(priors[n] for n in known)
+    scale = sum(known.values()) / prior_mass if known and prior_mass > 0 else 1.0
+    return {n: known.get(n, float(p) * scale) for n, p in priors.items()}
+
+
+@dataclass(frozen=True)
+class ConditionMap:
+    """One condition's own consensus weights and threshold map, fitted on its labelled images."""
+
+    weights: dict[str, float]
+    threshold_map: ThresholdMap
+    n: int = 0  # images it was fitted on (distinct, before class balancing)
+    n_positive: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": dict(self.weights), "threshold_map": self.threshold_map.to_dict(),
+                "n": self.n, "n_positive": self.n_positive}
+
+
+def assign_conditions(flags: Mapping[str, Any], fitted: Sequence[str]) -> np.ndarray:
+    """Per row, the first condition of `PRIORITY` that is set and in `fitted`, else "pooled".
+
+    `flags` maps condition name -> [N] booleans. The engine makes the same choice per image
+    (`CalibrationSet.decision_for`), and the fit assigns its images the same way, so a
+    condition's map is fitted on exactly the images it will be applied to.
+    """
+    n = len(next(iter(flags.values()))) if flags else 0
+    out = np.full(n, POOLED, dtype=object)
+    free = np.ones(n, dtype=bool)
+    for c in PRIORITY:
+        if c in fitted and c in flags:
+            rows = free & np.asarray(flags[c], dtype=bool)
+            out[rows] = c
+            free &= ~rows
+    return out
+
+
+def fit_condition_maps(calibrated: Any, labels: Any, flags: Mapping[str, Any], names: Sequence[str],
+                       pooled_weights: Sequence[float], *, min_images: int, min_per_label: int,
+                       balanced: bool = True) -> dict[str, ConditionMap]:
+    """Fit a threshold map and consensus weights per condition that has enough labelled images.
+
+    Conditions are taken in `PRIORITY` order; each claims its images that no earlier fitted
+    condition claimed (the order the engine applies them in). A condition with fewer than
+    `min_images` such images, or fewer than `min_per_label` of either label, gets nothing: its
+    images keep the pooled maps. The weights are shrunk toward the pooled ones, not the config's
+    priors, so a small condition moves only as far as its data says.
+    """
+    C = np.asarray(calibrated, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    free = np.ones(y.size, dtype=bool)
+    maps: dict[str, ConditionMap] = {}
+    for c in PRIORITY:
+        if c not in flags:
+            continue
+        rows = free & np.asarray(flags[c], dtype=bool)
+        n_pos = int(y[rows].sum())
+        n = int(rows.sum())
+        if n < min_images or min(n_pos, n - n_pos) < min_per_label:
+            continue
+        Pc, yc = C[rows], y[rows]
+        sw = class_balanced_weights(yc) if balanced else None
+        w = fit_weights(Pc, yc, pooled_weights, sample_weight=sw)
+        fused = fuse_matrix(Pc, w)
+        ok = np.isfinite(fused)
+        tmap = fit_threshold_map(fused[ok], yc[ok], balanced=balanced)
+        maps[c] = ConditionMap(dict(zip(names, map(float, w))), tmap, n, n_pos)
+        free &= ~rows
+    return maps
+
+
 # --------------------------------------------------------------------------- the set the engine loads
 
 @dataclass
@@ -366,6 +465,8 @@ class CalibrationSet:
     threshold_map: ThresholdMap = IDENTITY_MAP
     metrics: dict[str, Any] = field(default_factory=dict)
     source: Optional[str] = None
+    # condition name -> its own weights and threshold map (only where it had enough images)
+    conditions: dict[str, ConditionMap] = field(default_factory=dict)
 
     @classmethod
     def identity(cls) -> "CalibrationSet":
@@ -373,7 +474,12 @@ class CalibrationSet:
 
     @property
     def is_identity(self) -> bool:
-        return not self.calibrators and not self.weights and self.threshold_map.is_identity
+        return not self.calibrators and not self.weights and self.threshold_map.is_identity \
+            and not self.conditions
+
+    def pooled_only(self) -> "CalibrationSet":
+        """The same file without its per-condition maps (to measure what they change)."""
+        return dataclasses.replace(self, conditions={})
 
     def calibrate(self, tier: str, p: float) -> float:
         cal = self.calibrators.get(tier)
@@ -385,6 +491,49 @@ class CalibrationSet:
     def final(self, p: float) -> float:
         return float(self.threshold_map(p))
 
+    def decision_for(self, conditions: Optional[Mapping[str, Any]]) -> str:
+        """Which maps an image gets: the first of its conditions (in `PRIORITY` order) that has
+        its own, else "pooled"."""
+        if self.conditions and conditions:
+            for c in PRIORITY:
+                if c in self.conditions and conditions.get(c) is True:
+                    return c
+        return POOLED
+
+    def threshold_map_for(self, decision: str) -> ThresholdMap:
+        cm = self.conditions.get(decision)
+        return self.threshold_map if cm is None else cm.threshold_map
+
+    def weights_for(self, decision: str, priors: Mapping[str, float]) -> dict[str, float]:
+        """Consensus weights of every tier in `priors` under `decision` (see `resolve_weights`)."""
+        cm = self.conditions.get(decision)
+        return resolve_weights(self.weights if cm is None else cm.weights, priors)
+
+    def apply(self, raw: Mapping[str, Any], priors: Mapping[str, float],
+              conditions: Optional[Sequence[Optional[Mapping[str, Any]]]] = None, *,
+              condition_aware: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offline twin of the engine's decision for every tier answering: (fused, emitted,
+        decision per row) for `raw` tier name -> [N] raw probabilities (NaN = no answer)."""
+        names = list(raw)
+        R = np.stack([np.asarray(raw[n], dtype=np.float64).reshape(-1) for n in names], axis=1)
+        C = np.full_like(R, np.nan)
+        for j, n in enumerate(names):
+            ok = np.isfinite(R[:, j])
+            cal = self.calibrators.get(n)
+            C[ok, j] = R[ok, j] if cal is None else np.asarray(cal(R[ok, j]), dtype=np.float64)
+        conds = list(conditions) if conditions is not None else [None] * R.shape[0]
+        decisions = np.array([self.decision_for(c) if condition_aware else POOLED for c in conds],
+                             dtype=object)
+        fused = np.full(R.shape[0], np.nan)
+        emitted = np.full(R.shape[0], np.nan)
+        for d in set(decisions.tolist()):
+            rows = decisions == d
+            w = self.weights_for(d, priors)
+            fused[rows] = fuse_matrix(C[rows], [w.get(n, 0.0) for n in names])
+            ok = rows & np.isfinite(fused)
+            emitted[ok] = self.threshold_map_for(d)(fused[ok])
+        return fused, emitted, decisions
+
     def decision_threshold(self, default: float) -> float:
         """The fused-probability threshold the router should keep its distance from."""
         return default if self.threshold_map.is_identity else self.threshold_map.t_star
@@ -394,6 +543,7 @@ class CalibrationSet:
                 "tiers": {k: c.to_dict() for k, c in self.calibrators.items()},
                 "weights": dict(self.weights),
                 "threshold_map": self.threshold_map.to_dict(),
+                "conditions": {k: m.to_dict() for k, m in self.conditions.items()},
                 "metrics": self.metrics}
 
     def save(self, path: "str | Path") -> Path:
@@ -428,16 +578,40 @@ class CalibrationSet:
                 calibrators[name] = Calibrator.from_dict(d)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(str(path), f"tiers.{name}", f"a valid calibrator ({exc})") from None
-        weights = {}
-        for name, w in (data.get("weights") or {}).items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ConfigError(str(path), f"weights.{name}", "a finite number >= 0", w)
-            weights[name] = float(w)
-        try:
-            tmap = ThresholdMap.from_dict(data["threshold_map"]) if data.get("threshold_map") else IDENTITY_MAP
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(str(path), "threshold_map", f"{{t_star in (0, 1), eps}} ({exc})") from None
-        return cls(calibrators, weights, tmap, dict(data.get("metrics") or {}), str(path))
+        weights = _load_weights(data.get("weights"), str(path), "weights")
+        tmap = _load_threshold_map(data.get("threshold_map"), str(path), "threshold_map")
+        conditions: dict[str, ConditionMap] = {}
+        raw_conditions = data.get("conditions") or {}
+        if not isinstance(raw_conditions, dict):
+            raise ConfigError(str(path), "conditions", "a mapping of condition name to its maps",
+                              type(raw_conditions).__name__)
+        for name, d in raw_conditions.items():
+            key = f"conditions.{name}"
+            if name not in PRIORITY:
+                raise ConfigError(str(path), key, f"one of {list(PRIORITY)} (unknown condition)")
+            if not isinstance(d, dict) or not d.get("threshold_map"):
+                raise ConfigError(str(path), key, "{weights, threshold_map, n, n_positive}", d)
+            conditions[name] = ConditionMap(_load_weights(d.get("weights"), str(path), f"{key}.weights"),
+                                            _load_threshold_map(d["threshold_map"], str(path),
+                                                                f"{key}.threshold_map"),
+                                            int(d.get("n") or 0), int(d.get("n_positive") or 0))
+        return cls(calibrators, weights, tmap, dict(data.get("metrics") or {}), str(path), conditions)
+
+
+def _load_weights(raw: Any, source: str, key: str) -> dict[str, float]:
+    weights = {}
+    for name, w in (raw or {}).items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(source, f"{key}.{name}", "a finite number >= 0", w)
+        weights[name] = float(w)
+    return weights
+
+
+def _load_threshold_map(raw: Any, source: str, key: str) -> ThresholdMap:
+    try:
+        return ThresholdMap.from_dict(raw) if raw else IDENTITY_MAP
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(source, key, f"{{t_star in (0, 1), eps}} ({exc})") from None
 
 
 def fit_calibration_set(raw: Mapping[str, Any], labels: Any, *, methods: Mapping[str, str],

@@ -21,6 +21,8 @@ import yaml
 from cascade.errors import ConfigError
 
 CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "identity")
+# The image conditions `cascade.conditions` estimates (named here so config keys can be checked).
+CONDITION_NAMES = ("day", "night", "low_contrast", "blur", "rain", "fog", "glare", "motion_blur")
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "fp8": 1, "int8": 1, "int4": 0.5, "nvfp4": 0.5, "awq": 0.5, "gptq": 0.5}
@@ -225,7 +227,8 @@ class RouterConfig:
     threshold: float = 0.5
     # Stop after a tier when |p - threshold| >= margin.
     margin: float = 0.35
-    # Per image condition margins (day, night, low_contrast, blur) overriding `margin`.
+    # Per image condition margins (night, low_contrast, blur, rain, fog, glare, motion_blur, day)
+    # overriding `margin`.
     condition_margins: dict[str, float] = field(default_factory=dict)
     # Minimum number of tiers that must answer before the router may stop.
     min_tiers: int = 1
@@ -233,6 +236,10 @@ class RouterConfig:
     def validate(self, source: str, prefix: str) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(source, f"{prefix}.threshold", "a number in (0, 1)", self.threshold)
+        unknown = sorted(set(self.condition_margins) - set(CONDITION_NAMES))
+        if unknown:
+            raise ConfigError(source, f"{prefix}.condition_margins.{unknown[0]}",
+                              f"one of {list(CONDITION_NAMES)} (unknown condition)")
         for key, m in {"margin": self.margin, **{f"condition_margins.{k}": v
                                                   for k, v in self.condition_margins.items()}}.items():
             if not 0.0 <= m <= 0.5:
@@ -251,20 +258,41 @@ class BreakerConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Bounded on-disk store of uncertain inputs for later labelling."""
+    """Bounded on-disk store of uncertain inputs for labelling and retraining (`cascade.store`)."""
 
-    # Enable the store.
-    enabled: bool = False
+    # Enable the store (on by default: writes are off the request path and dropped under load).
+    enabled: bool = True
     # Directory (SQLite index + image files); relative to the config file.
     dir: str = "../runs/uncertain"
     # Keep at most this many items (oldest evicted).
     max_items: int = 2000
-    # Save when |p - 0.5| < band.
+    # Disk budget in MiB (JPEGs + records); the oldest items are evicted beyond it.
+    max_mb: float = 256.0
+    # Save when |p - 0.5| < band (p: the emitted answer, whose 0.5 is the decision threshold).
     band: float = 0.1
     # Save when max - min of tier probabilities exceeds this.
     disagreement: float = 0.6
+    # Also save this share of the other answers (an unbiased sample, for calibration); 0 = none.
+    random_fraction: float = 0.0
     # Longest side of the saved image.
     max_side: int = 512
+    # Writes queued at most; an item beyond it is dropped (counted), never waited for.
+    max_pending: int = 4
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.max_items < 1:
+            raise ConfigError(source, f"{prefix}.max_items", "an integer >= 1", self.max_items)
+        if not 0 < self.max_mb < float("inf"):
+            raise ConfigError(source, f"{prefix}.max_mb", "a finite number > 0", self.max_mb)
+        if not 0.0 <= self.band <= 0.5:
+            raise ConfigError(source, f"{prefix}.band", "a number in [0, 0.5]", self.band)
+        if not 0.0 <= self.random_fraction <= 1.0:
+            raise ConfigError(source, f"{prefix}.random_fraction", "a number in [0, 1]",
+                              self.random_fraction)
+        if self.max_side < 32:
+            raise ConfigError(source, f"{prefix}.max_side", "an integer >= 32", self.max_side)
+        if self.max_pending < 0:
+            raise ConfigError(source, f"{prefix}.max_pending", "an integer >= 0", self.max_pending)
 
 
 @dataclass(frozen=True)
@@ -277,12 +305,43 @@ class ConditionsConfig:
     low_contrast_rms: float = 0.08
     # Blur when the variance of the Laplacian (grey levels 0..255) is below this.
     blur_laplacian_var: float = 60.0
-    # Longest side of the grey image the statistics are computed on.
+    # Longest side of the thumbnail the global statistics are computed on.
     max_side: int = 256
+    # Side (px) of the native-resolution crops that streaks and blur direction are judged on.
+    crop_side: int = 96
+    # How many such crops (from the middle band of the image; 0 = no rain / motion-blur cues).
+    crops: int = 4
+    # Each scored condition is set when its score in [0, 1] reaches its threshold.
+    rain_threshold: float = 0.5
+    fog_threshold: float = 0.5
+    glare_threshold: float = 0.5
+    motion_blur_threshold: float = 0.5
+    # `natix-miner calibrate` fits a condition's own threshold map and consensus weights only
+    # when at least this many labelled images (of the fitting part) are in that condition ...
+    calibration_min_images: int = 60
+    # ... and at least this many of each label; otherwise those images use the pooled ones.
+    calibration_min_per_label: int = 10
+
+    def threshold(self, name: str) -> float:
+        return float(getattr(self, f"{name}_threshold"))
 
     def validate(self, source: str, prefix: str) -> None:
         if self.max_side < 16:
             raise ConfigError(source, f"{prefix}.max_side", "an integer >= 16", self.max_side)
+        if self.crop_side < 16:
+            raise ConfigError(source, f"{prefix}.crop_side", "an integer >= 16", self.crop_side)
+        if self.crops < 0:
+            raise ConfigError(source, f"{prefix}.crops", "an integer >= 0", self.crops)
+        for name in ("rain", "fog", "glare", "motion_blur"):
+            t = self.threshold(name)
+            if not 0.0 < t <= 1.0:
+                raise ConfigError(source, f"{prefix}.{name}_threshold", "a number in (0, 1]", t)
+        if self.calibration_min_images < 2:
+            raise ConfigError(source, f"{prefix}.calibration_min_images", "an integer >= 2",
+                              self.calibration_min_images)
+        if self.calibration_min_per_label < 1:
+            raise ConfigError(source, f"{prefix}.calibration_min_per_label", "an integer >= 1",
+                              self.calibration_min_per_label)
 
 
 @dataclass(frozen=True)
@@ -351,6 +410,14 @@ class CascadeConfig:
     @property
     def active_tiers(self) -> list[TierSpec]:
         return [t for t in self.tiers if t.enabled]
+
+
+def without_store(cfg: CascadeConfig) -> CascadeConfig:
+    """The same config with the uncertain-case store off: for offline runs on labelled data
+    (`eval`, `calibrate`, `local`), whose images must not enter the store and, through an export,
+    the training data."""
+    store = dataclasses.replace(cfg.engine.store, enabled=False)
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, store=store))
 
 
 CASCADE_KEYS = ("engine", "router", "tiers", "devices", "artifacts_dir")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 from loguru import logger
 from PIL import Image
 
-from cascade.calibration import CalibrationSet
+from cascade.calibration import POOLED, CalibrationSet
 from cascade.conditions import estimate_conditions
 from cascade.config import CascadeConfig, TierSpec
 from cascade.consensus import weighted_geometric_mean
@@ -58,6 +58,7 @@ class CascadeResult:
     fallback: bool = False  # no tier answered: prob is the configured fallback
     latency_ms: float = 0.0
     conditions: dict[str, Any] = field(default_factory=dict)
+    decision: str = POOLED  # whose threshold map and weights applied: "pooled" or a condition
     evidence: dict[str, dict] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # tiers asked that raised / timed out / returned garbage
     fused: Optional[float] = None  # fused calibrated probability before the threshold map
@@ -292,6 +293,9 @@ class CascadeEngine:
         self.placement = placement
         self.calibration: CalibrationSet = calibration if calibration is not None else CalibrationSet.identity()
         self._calibration_given = calibration is not None
+        # apply a condition's own threshold map and weights where the calibration has them
+        # (eval turns this off to measure what they change)
+        self.condition_aware = True
         self.router = Router(config.router)
         self.store: Optional[UncertainStore] = None
         self._runners: list[TierRunner] = []
@@ -325,6 +329,9 @@ class CascadeEngine:
             calibration = CalibrationSet.load(self.config.resolve(self.config.engine.calibration))
         self.calibration = calibration
         self._weights = self._consensus_weights()
+        priors = {t.name: t.weight for t in self.config.active_tiers}
+        self._decision_weights = {d: calibration.weights_for(d, priors)
+                                  for d in (POOLED, *calibration.conditions)}
         self.router = Router(self.config.router,
                              threshold=calibration.decision_threshold(self.config.router.threshold))
         return calibration
@@ -386,10 +393,9 @@ class CascadeEngine:
             self._runners.append(runner)
         store_cfg = self.config.engine.store
         if store_cfg.enabled:
-            self.store = UncertainStore(self.config.resolve(store_cfg.dir), max_items=store_cfg.max_items,
-                                        max_side=store_cfg.max_side,
-                                        on_saved=self.telemetry.store_saved.inc,
-                                        on_dropped=self.telemetry.store_dropped.inc)
+            self.store = UncertainStore.from_config(self.config.resolve(store_cfg.dir), store_cfg,
+                                                    on_saved=self.telemetry.store_saved.inc,
+                                                    on_dropped=self.telemetry.store_dropped.inc)
         self._started = True
         self._ready = True
         self.telemetry.ready.set(1)
@@ -429,19 +435,21 @@ class CascadeEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def _fuse(self, cal: dict[str, float]) -> float:
+    def _fuse(self, cal: dict[str, float], decision: str = POOLED) -> float:
         names = list(cal)
-        return weighted_geometric_mean([cal[n] for n in names], [self._weights[n] for n in names])
+        weights = self._decision_weights.get(decision, self._weights)
+        return weighted_geometric_mean([cal[n] for n in names], [weights[n] for n in names])
 
     def _consensus_weights(self) -> dict[str, float]:
         """Fitted weights where the calibration has them; config priors, rescaled onto the fitted
-        scale, for tiers it does not know (fitted weights sum to 1, priors are often 1 each, so
-        an unscaled prior of a tier added after calibrating would outvote every fitted tier)."""
-        priors = {t.name: t.weight for t in self.config.active_tiers}
-        fitted = {n: w for n, w in self.calibration.weights.items() if n in priors}
-        prior_mass = sum(priors[n] for n in fitted)
-        scale = sum(fitted.values()) / prior_mass if fitted and prior_mass > 0 else 1.0
-        return {n: fitted.get(n, p * scale) for n, p in priors.items()}
+        scale, for tiers it does not know (`cascade.calibration.resolve_weights`)."""
+        return self.calibration.weights_for(POOLED, {t.name: t.weight for t in self.config.active_tiers})
+
+    def _decision_for(self, conditions: Optional[dict[str, Any]]) -> str:
+        """The maps this image gets: its condition's own threshold map and consensus weights where
+        the calibration has them (first condition in `cascade.conditions.PRIORITY` order), else
+        the pooled ones. Per-tier calibrators are pooled for every image."""
+        return self.calibration.decision_for(conditions) if self.condition_aware else POOLED
 
     async def predict(self, image: Image.Image, deadline_s: Optional[float] = None) -> CascadeResult:
         """Answer one image within `deadline_s` (default: the config's `deadline_ms`)."""
@@ -465,6 +473,7 @@ class CascadeEngine:
         deadline_hit = False
         fused: Optional[float] = None
         stopped_after: Optional[str] = None
+        decision = POOLED
 
         for runner in self._runners:
             remaining = deadline - time.monotonic()
@@ -508,10 +517,13 @@ class CascadeEngine:
             cal[runner.name] = self.calibration.calibrate(runner.name, float(out.prob))
             evidence[runner.name] = dict(out.evidence or {})
             stopped_after = runner.name
-            fused = self._fuse(cal)
-            if conditions is None:
+            if conditions is None:  # computed alongside the first tier: ready by now
                 conditions = await self._await_conditions(cond_fut, deadline)
-            if self.router.should_stop(fused, len(cal), conditions).stop:
+                decision = self._decision_for(conditions)
+            fused = self._fuse(cal, decision)
+            t_star = self.calibration.threshold_map_for(decision)
+            threshold = None if decision == POOLED or t_star.is_identity else t_star.t_star
+            if self.router.should_stop(fused, len(cal), conditions, threshold=threshold).stop:
                 break
 
         if conditions is None:
@@ -520,7 +532,8 @@ class CascadeEngine:
             if not cond_fut.done():
                 cond_fut.cancel()
         fallback = fused is None or not math.isfinite(fused)
-        prob = self.config.engine.fallback_probability if fallback else self.calibration.final(fused)
+        prob = self.config.engine.fallback_probability if fallback \
+            else float(self.calibration.threshold_map_for(decision)(fused))
         if not math.isfinite(prob):
             prob, fallback = self.config.engine.fallback_probability, True
         prob = min(1.0, max(0.0, float(prob)))
@@ -528,7 +541,7 @@ class CascadeEngine:
         self._count(asked, fallback, deadline_hit, latency_ms, budget)
         result = CascadeResult(prob=prob, tier_probs=cal, raw_probs=raw, stopped_after=stopped_after,
                                escalated=len(asked) > 1, fallback=fallback, latency_ms=latency_ms,
-                               conditions=conditions, evidence=evidence, failed=failed,
+                               conditions=conditions, decision=decision, evidence=evidence, failed=failed,
                                fused=None if fallback else fused, deadline_hit=deadline_hit,
                                skipped=skipped)
         if self.store is not None and not fallback:
@@ -566,7 +579,8 @@ class CascadeEngine:
             return
         record = {"tier_probs": result.tier_probs, "raw_probs": result.raw_probs,
                   "fused": result.fused, "conditions": result.conditions, "failed": result.failed,
-                  "evidence": result.evidence, "stopped_after": result.stopped_after}
+                  "evidence": result.evidence, "stopped_after": result.stopped_after,
+                  "decision": result.decision}
         self.store.submit(image, record, prob=result.prob, reason=reason)
 
     async def predict_batch(self, images: Sequence[Image.Image],

@@ -40,9 +40,11 @@ class Router:
         return max(found) if found else self.config.margin
 
     def should_stop(self, fused: float, answered: int,
-                    conditions: Optional[Mapping[str, Any]] = None) -> StopDecision:
+                    conditions: Optional[Mapping[str, Any]] = None, *,
+                    threshold: Optional[float] = None) -> StopDecision:
+        """`threshold` overrides the decision threshold for this image (a condition's own t*)."""
         margin = self.margin_for(conditions)
-        distance = abs(fused - self.threshold)
+        distance = abs(fused - (self.threshold if threshold is None else threshold))
         if answered < self.config.min_tiers:
             return StopDecision(False, margin, distance, f"{answered} < min_tiers")
         if distance >= margin:

@@ -78,7 +78,8 @@ class ModelledTier(Tier):
 
 def config(tiers: list[dict], deadline_ms: float, threads: int, failures_to_open: int = 3):
     data = {"engine": {"deadline_ms": deadline_ms, "threads_per_device": threads,
-                       "breaker": {"failures_to_open": failures_to_open, "cooldown_s": 30}},
+                       "breaker": {"failures_to_open": failures_to_open, "cooldown_s": 30},
+                       "store": {"enabled": False}},
             "router": {"threshold": 0.5, "margin": 0.3},
             "tiers": [{"backend": "bench", "device": "cpu", **t} for t in tiers],
             "devices": {"cpu": {"memory_gib": 8}}}

@@ -49,7 +49,7 @@ def test_eval_command_writes_the_report_plots_and_predictions(setup, tmp_path, c
                              "--out", str(tmp_path / "out"), "--no-progress"])
     assert args.func(args) == 0
     rep = json.loads((tmp_path / "e.json").read_text())
-    assert set(rep) == {"cascade", "tiers", "by_source", "by_era"}
+    assert set(rep) == {"cascade", "tiers", "by_source", "by_era", "by_condition"}
     assert set(rep["cascade"]) == KEYS and rep["cascade"]["n"] == 10
     assert set(rep["tiers"]) == {"hazard_cues.handset"} and set(rep["tiers"]["hazard_cues.handset"]) == KEYS
     assert set(rep["by_source"]) == {"synthetic-0", "synthetic-1"}
@@ -63,6 +63,9 @@ def test_eval_command_writes_the_report_plots_and_predictions(setup, tmp_path, c
         assert (tmp_path / "out" / name).stat().st_size > 100
     lines = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert len(lines) == 11 and "hazard_cues.handset:raw" in lines[0]
+    assert "cond:fog_score" in lines[0] and "decision" in lines[0]
+    for c, v in rep["by_condition"].items():   # no condition maps in play: both columns agree
+        assert v["n_condition_maps"] == 0 and v["pooled"] == v["condition_aware"]
     assert "cascade" in capsys.readouterr().out
 
 
@@ -91,17 +94,25 @@ async def test_same_view_per_image_and_cache_reuse(setup, tmp_path):
     assert r3["cascade"] == r1["cascade"]
 
 
+def _bad_calibration(path):
+    """A current file that is plainly wrong: every probability pushed towards 1."""
+    from cascade.calibration import PlattCalibrator
+
+    CalibrationSet({"hazard_cues.handset": PlattCalibrator(1.0, 4.0)}, {"hazard_cues.handset": 1.0}).save(path)
+
+
 def test_calibrate_writes_the_engine_file_and_reports_holdout(setup, tmp_path, capsys):
     from natix_miner.commands import calibrate
 
     config, images = setup
+    path = tmp_path / "artifacts" / "calibration.json"
+    _bad_calibration(path)      # the new fit must beat the file it replaces on held-out ECE
     args = _parse(calibrate, ["calibrate", "--config", str(config), "--images", str(images),
                               "--split", "all", "--era", "letterbox", "--holdout-fraction", "0.4",
                               "--no-progress"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "held-out (4 images)" in out and "t* =" in out
-    path = tmp_path / "artifacts" / "calibration.json"
+    assert "held-out (4 images)" in out and "t* =" in out and f"written: {path}" in out
     cal = CalibrationSet.load(path)
     assert "hazard_cues.handset" in cal.calibrators
     assert 0 < cal.threshold_map.t_star < 1
@@ -157,3 +168,64 @@ def test_missing_head_exits_2_with_the_train_command(setup, tmp_path, capsys, co
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "effnet_lite0.untrained" in err and "natix-miner train --config" in err
+
+
+def test_calibrate_that_worsens_held_out_ece_keeps_the_current_file(setup, tmp_path, capsys):
+    from natix_miner.commands import calibrate
+
+    config, images = setup
+    path = tmp_path / "artifacts" / "calibration.json"
+    base = ["calibrate", "--config", str(config), "--images", str(images), "--split", "all",
+            "--era", "letterbox", "--no-progress"]
+
+    def run(*extra):
+        args = _parse(calibrate, base + list(extra))
+        code = args.func(args)
+        return code, capsys.readouterr().out
+
+    # The current file: isotonic maps fitted on every image, so on any held-out part of them it is
+    # calibrated in-sample (ECE ~0); a Platt fit on 60 % cannot beat that on the other 40 %.
+    code, _ = run("--holdout-fraction", "0", "--method", "isotonic", "--force")
+    assert code == 0
+    before = path.read_bytes()
+    code, out = run("--holdout-fraction", "0.4", "--method", "platt")
+    assert code == 1 and "NOT written, the current file stays" in out and str(path) in out
+    assert path.read_bytes() == before
+    code, out = run("--holdout-fraction", "0.4", "--method", "platt", "--force")
+    assert code == 0 and "although worse (--force)" in out
+    assert path.read_bytes() != before
+    assert json.loads(path.read_text())["metrics"]["holdout"]["forced"] is True
+
+
+def test_calibrate_fits_condition_maps_that_eval_then_compares_with_pooled(setup, tmp_path, capsys):
+    from natix_miner.commands import calibrate
+
+    from PIL import Image
+
+    from natix_miner.toolkit.train_augment import fog
+
+    config, images = setup
+    with open(images / "manifest.csv", "a") as fh:            # foggy frames of both labels
+        for label in (0, 1):
+            for i in range(1, 4):
+                name = f"fog_{label}_{i}.jpg"
+                fog(Image.open(images / f"img_{label}_{i}.jpg"), np.random.default_rng(i)).save(images / name)
+                fh.write(f"{name},{label},synthetic-{label},train\n")
+    path = tmp_path / "artifacts" / "calibration.json"
+    args = _parse(calibrate, ["calibrate", "--config", str(config), "--images", str(images), "--split",
+                              "all", "--era", "letterbox", "--holdout-fraction", "0", "--force",
+                              "--condition-min-images", "2", "--condition-min-per-label", "1",
+                              "--no-progress"])
+    assert args.func(args) == 0
+    cal = CalibrationSet.load(path)
+    out = capsys.readouterr().out
+    assert "fog" in cal.conditions and "own t*" in out, out
+    rep = asyncio.run(evaluation.run_eval(config, [images], split="all", era="letterbox", progress=False))
+    assert sum(v["n_condition_maps"] for v in rep["by_condition"].values()) > 0
+    assert rep["by_condition"]["fog"]["n_condition_maps"] > 0
+    # the pooled column is exactly the cascade under the same file without its condition maps
+    cal.pooled_only().save(tmp_path / "pooled.json")
+    pooled = asyncio.run(evaluation.run_eval(config, [images], split="all", era="letterbox",
+                                             calibration_path=tmp_path / "pooled.json", progress=False))
+    for name in cal.conditions:
+        assert rep["by_condition"][name]["pooled"] == pooled["by_condition"][name]["condition_aware"]

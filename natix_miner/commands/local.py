@@ -104,6 +104,7 @@ def _train(args: argparse.Namespace, config_path: Path, missing, tiers) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.config import without_store
     from cascade.errors import ConfigError
     from natix_miner.toolkit.dataset import DatasetError
     from natix_miner.neuron import find_missing_artifact, throwaway_wallet
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = resolve_config_path(args.config)
     try:
         settings, cascade = load_settings(config_path)
+        cascade = without_store(cascade)  # labelled dev images must not enter the miner's store
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,9 +1,10 @@
 """Labelled image folders: `roadwork/` + `no_roadwork/` subfolders, or a `manifest.csv`.
 
 A manifest has at least `path,label` (label 1 = roadwork; paths relative to the folder) and may
-carry `source` and `split` (`train`/`val`) columns, as `../shared/data/*/manifest.csv` do. A folder
-without a split column gets a deterministic stratified 75/25 split from a hash of each path, so
-train and calibrate never see each other's images.
+carry `source` and `split` (`train`/`val`) columns, as `../shared/data/*/manifest.csv` do. A row
+with an empty label is not labelled yet (an exported miner store, `natix-miner store export`)
+and is left out. A folder without a split column gets a deterministic stratified 75/25 split from
+a hash of each path, so train and calibrate never see each other's images.
 """
 
 import csv
@@ -49,6 +50,7 @@ def load_folder(root: Path, *, val_fraction: float = 0.25) -> list[Sample]:
         raise DatasetError(f"{root}: not a directory")
     manifest = root / "manifest.csv"
     samples: list[Sample] = []
+    unlabelled = 0
     if manifest.exists():
         with open(manifest, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -56,6 +58,9 @@ def load_folder(root: Path, *, val_fraction: float = 0.25) -> list[Sample]:
             if not {"path", "label"} <= cols:
                 raise DatasetError(f"{manifest}: needs columns path,label (has {sorted(cols)})")
             for i, row in enumerate(reader, start=2):
+                if not (row.get("label") or "").strip():  # not labelled yet
+                    unlabelled += 1
+                    continue
                 try:
                     label = int(row["label"])
                 except (TypeError, ValueError):
@@ -75,6 +80,9 @@ def load_folder(root: Path, *, val_fraction: float = 0.25) -> list[Sample]:
                 if p.suffix.lower() in IMAGE_SUFFIXES:
                     rel = str(p.relative_to(root))
                     samples.append(Sample(p, label, sub, _hash_split(rel, val_fraction)))
+    if not samples and unlabelled:
+        raise DatasetError(f"{root}: none of its {unlabelled} images is labelled yet "
+                           f"(natix-miner store label {root})")
     if not samples:
         raise DatasetError(f"{root}: no images found (expected manifest.csv with path,label or "
                            f"roadwork/ and no_roadwork/ subfolders)")

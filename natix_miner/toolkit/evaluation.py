@@ -7,7 +7,10 @@ augmented pixels for the same image whatever the order or subset, and a rerun is
 
 Per image we record the cascade's answer (`engine.predict`, the full routed path) and every
 enabled tier's own raw probability (each tier on every image, in batches, for per-tier figures and
-for fitting calibration), plus that probability through the engine's current calibration.
+for fitting calibration), plus that probability through the engine's current calibration, and the
+image's conditions (`cascade.conditions`, as the engine computes them). Where the calibration
+gave an image its condition's own maps, the cascade is asked again with the pooled maps, so the
+report shows per condition what the condition-aware maps change.
 Raw tier outputs are cached on disk per (tier fingerprint, image file, era, seed), so `calibrate`
 then `eval` pay for the slow tiers once; the fingerprint includes the tier's spec and the
 modification times of its artefacts, so a retrained head is never served from a stale cache.
@@ -125,18 +128,25 @@ class Outputs:
     stopped_after: list[str] = field(default_factory=list)
     raw: dict[str, list[float]] = field(default_factory=dict)
     calibrated: dict[str, list[float]] = field(default_factory=dict)
+    conditions: list[dict[str, Any]] = field(default_factory=list)  # `estimate_conditions` per image
+    decisions: list[str] = field(default_factory=list)  # which maps the cascade applied
+    cascade_pooled: list[float] = field(default_factory=list)  # the cascade with pooled maps only
 
     def array(self, name: str) -> np.ndarray:
         return np.asarray(getattr(self, name), dtype=np.float64)
 
+    def flags(self, name: str) -> np.ndarray:
+        """[N] booleans: the images in condition `name`."""
+        return np.array([c.get(name) is True for c in self.conditions], dtype=bool)
+
     def subset(self, idx: Sequence[int]) -> "Outputs":
         idx = list(idx)
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
         return Outputs(pick(self.paths), pick(self.labels), pick(self.sources), pick(self.eras),
-                       pick(self.levels), pick(self.cascade) if self.cascade else [],
-                       pick(self.stopped_after) if self.stopped_after else [],
+                       pick(self.levels), pick(self.cascade), pick(self.stopped_after),
                        {k: pick(v) for k, v in self.raw.items()},
-                       {k: pick(v) for k, v in self.calibrated.items()})
+                       {k: pick(v) for k, v in self.calibrated.items()},
+                       pick(self.conditions), pick(self.decisions), pick(self.cascade_pooled))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -170,7 +180,11 @@ async def collect(engine: Any, samples: Sequence[Any], era: str, seed: int, *,
     Images are built and scored one chunk at a time so a folder of full-resolution frames never
     sits in memory at once.
     """
+    from cascade.calibration import POOLED
+    from cascade.conditions import estimate_conditions
+
     tiers = dict(engine.tiers)
+    cond_cfg = engine.config.engine.conditions
     fps = {name: tier_fingerprint(tier.spec) for name, tier in tiers.items()}
     out = Outputs(raw={n: [] for n in tiers}, calibrated={n: [] for n in tiers})
     bar = None
@@ -187,6 +201,8 @@ async def collect(engine: Any, samples: Sequence[Any], era: str, seed: int, *,
                 continue
             chunk = [s for s, _ in built]
             views = [v for _, v in built]
+            conds = await asyncio.to_thread(lambda: [estimate_conditions(v, cond_cfg) for v, _ in views])
+            out.conditions.extend(conds)
             for s, (_, meta) in zip(chunk, views):
                 out.paths.append(str(s.path))
                 out.labels.append(int(s.label))
@@ -216,6 +232,16 @@ async def collect(engine: Any, samples: Sequence[Any], era: str, seed: int, *,
                     res = await engine.predict(image)
                     out.cascade.append(float(res.prob))
                     out.stopped_after.append(str(getattr(res, "stopped_after", "")))
+                    decision = str(getattr(res, "decision", POOLED))
+                    out.decisions.append(decision)
+                    pooled = res
+                    if decision != POOLED:  # the same image with the pooled maps only
+                        engine.condition_aware = False
+                        try:
+                            pooled = await engine.predict(image)
+                        finally:
+                            engine.condition_aware = True
+                    out.cascade_pooled.append(float(pooled.prob))
             if bar is not None:
                 bar.update(len(chunk))
             if cache is not None:
@@ -276,17 +302,38 @@ def figures(probs: Sequence[float], labels: Sequence[int], *, seed: int = 0) -> 
 
 
 def report(out: Outputs, *, seed: int = 0) -> dict[str, Any]:
-    """The evaluation report: cascade, each tier alone, cascade by source and by era."""
+    """The evaluation report: cascade, each tier alone, cascade by source, by era and by condition.
+
+    `by_condition[name]` has the cascade on that condition's images as the miner answers
+    (`condition_aware`, the file's per-condition maps applied where it has them) and with the
+    pooled maps only (`pooled`), plus how many of those images got a condition's own maps
+    (`n_condition_maps`). Conditions with no image are left out.
+    """
+    from cascade.calibration import POOLED
+    from cascade.conditions import CONDITIONS
+
     y = np.asarray(out.labels)
     casc = out.array("cascade")
     sources = np.asarray(out.sources)
     eras = np.asarray(out.eras)
-    return {"cascade": figures(casc, y, seed=seed),
-            "tiers": {n: figures(np.asarray(v), y, seed=seed) for n, v in out.calibrated.items()},
-            "by_source": {s: figures(casc[sources == s], y[sources == s], seed=seed)
-                          for s in sorted(set(out.sources))},
-            "by_era": {e: figures(casc[eras == e], y[eras == e], seed=seed)
-                       for e in ch.ERAS if e in set(out.eras)}}
+    rep = {"cascade": figures(casc, y, seed=seed),
+           "tiers": {n: figures(np.asarray(v), y, seed=seed) for n, v in out.calibrated.items()},
+           "by_source": {s: figures(casc[sources == s], y[sources == s], seed=seed)
+                         for s in sorted(set(out.sources))},
+           "by_era": {e: figures(casc[eras == e], y[eras == e], seed=seed)
+                      for e in ch.ERAS if e in set(out.eras)},
+           "by_condition": {}}
+    if out.conditions and len(out.cascade_pooled) == len(casc):
+        pooled = out.array("cascade_pooled")
+        decisions = np.asarray(out.decisions, dtype=object)
+        for c in CONDITIONS:
+            m = out.flags(c)
+            if m.any():
+                rep["by_condition"][c] = {
+                    "condition_aware": figures(casc[m], y[m], seed=seed),
+                    "pooled": figures(pooled[m], y[m], seed=seed),
+                    "n_condition_maps": int(np.sum(decisions[m] != POOLED))}
+    return rep
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -308,8 +355,19 @@ def format_report(rep: dict[str, Any]) -> str:
         row(f"  era {e}", m)
     for s, m in rep["by_source"].items():
         row(f"  source {s}", m)
+    by_cond = rep.get("by_condition") or {}
+    any_maps = any(v["n_condition_maps"] for v in by_cond.values())
+    for c, v in by_cond.items():
+        if v["n_condition_maps"]:
+            row(f"  condition {c}, pooled maps", v["pooled"])
+            row(f"  condition {c}, own maps ({v['n_condition_maps']} img)", v["condition_aware"])
+        else:
+            row(f"  condition {c}", v["condition_aware"])
     lines.append("MCC, acc, AUC at the data's label mix; ECE and reward at the validators' 50/50 "
                  "(reward: windows of 100 and 10 resampled from this data); '-': one label only")
+    if by_cond and not any_maps:
+        lines.append("no condition has its own maps in this calibration file: every image used "
+                     "the pooled ones")
     return "\n".join(lines)
 
 
@@ -317,18 +375,31 @@ def write_predictions_csv(out: Outputs, path: Path) -> Path:
     """One row per image: label, source, era, level, cascade answer, each tier raw/calibrated."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from cascade.conditions import CONDITIONS, SCORED
+
     names = list(out.raw)
+    cond_cols = [*CONDITIONS, *[f"{c}_score" for c in SCORED]] if out.conditions else []
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "source", "era", "level", "cascade", "stopped_after",
-                    *[f"{n}:raw" for n in names], *[f"{n}:calibrated" for n in names]])
+                    "decision", "cascade_pooled",
+                    *[f"{n}:raw" for n in names], *[f"{n}:calibrated" for n in names],
+                    *[f"cond:{c}" for c in cond_cols]])
         for i in range(len(out.paths)):
+            conds = out.conditions[i] if out.conditions else {}
             w.writerow([out.paths[i], out.labels[i], out.sources[i], out.eras[i],
                         "" if out.levels[i] is None else out.levels[i],
                         out.cascade[i] if out.cascade else "",
                         out.stopped_after[i] if out.stopped_after else "",
-                        *[out.raw[n][i] for n in names], *[out.calibrated[n][i] for n in names]])
+                        out.decisions[i] if out.decisions else "",
+                        out.cascade_pooled[i] if out.cascade_pooled else "",
+                        *[out.raw[n][i] for n in names], *[out.calibrated[n][i] for n in names],
+                        *[_csv_value(conds.get(c)) for c in cond_cols]])
     return path
+
+
+def _csv_value(v: Any) -> Any:
+    return int(v) if isinstance(v, bool) else ("" if v is None else v)
 
 
 def write_plots(out: Outputs, directory: Path) -> list[Path]:
@@ -400,10 +471,12 @@ def default_cache_path(cfg: Any) -> Path:
 async def _engine_outputs(cfg: Any, samples: Sequence[Any], era: str, seed: int, *,
                           calibration: Any = None, with_cascade: bool, cache: Optional[TierCache],
                           batch_size: int, progress: bool) -> Outputs:
+    from cascade.config import without_store
     from cascade.engine import CascadeEngine
     from models.registry import build_tier
 
-    engine = CascadeEngine(cfg, build_tier, calibration=calibration)
+    # labelled evaluation images must never land in the miner's store (and from there in training)
+    engine = CascadeEngine(without_store(cfg), build_tier, calibration=calibration)
     await engine.start()
     try:
         return await collect(engine, samples, era, seed, with_cascade=with_cascade, cache=cache,
@@ -458,8 +531,11 @@ async def run_calibration(config: Path, folders: Sequence[Path], *, split: Optio
                           era: str = "mixed", seed: int = 0, limit: Optional[int] = None,
                           method: Optional[str] = None, out_path: Optional[Path] = None,
                           holdout_fraction: float = 0.3, balance: bool = True, use_cache: bool = True,
-                          batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Fit per-tier calibrators, consensus weights and the threshold map; write the engine's file.
+                          batch_size: int = 8, progress: bool = True, force: bool = False,
+                          conditions: bool = True, condition_min_images: Optional[int] = None,
+                          condition_min_per_label: Optional[int] = None) -> dict[str, Any]:
+    """Fit per-tier calibrators, consensus weights, the threshold map and, per image condition
+    with enough labelled images, its own weights and threshold map; write the engine's file.
 
     The images are split per label into a fitting part and a held-out part (`holdout_fraction`);
     everything is fitted on the first and the ECE/reward figures reported for the second, so
@@ -467,16 +543,29 @@ async def run_calibration(config: Path, folders: Sequence[Path], *, split: Optio
     in-sample and flagged as such. The file written is the one fitted on the fitting part.
     With `balance` (default) the fit sees both labels equally often, as validators draw them, and
     the held-out ECE is measured at that mix too.
+
+    The new file is written only if its held-out ECE (fused probability, condition-aware) is no
+    worse than that of the file it would replace (applied to the same held-out images), or of no
+    calibration at all when there is none; otherwise the old file stays and `written` is False,
+    unless `force`. Per condition (`engine.conditions.calibration_min_images` /
+    `..._per_label`, overridable) the summary compares pooled and condition-aware maps on the
+    held-out images of that condition.
     """
-    from cascade.calibration import CalibrationSet, fit_calibration_set
+    from cascade.calibration import POOLED, CalibrationSet, fit_calibration_set, fit_condition_maps
+    from cascade.conditions import PRIORITY
     from cascade.config import load_cascade_config
-    from cascade.consensus import fuse_matrix
 
     if era not in ch.ERA_CHOICES:
         raise ValueError(f"era must be one of {', '.join(ch.ERA_CHOICES)}, got {era!r}")
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
     cfg = load_cascade_config(Path(config))
+    cond_cfg = cfg.engine.conditions
+    min_images = cond_cfg.calibration_min_images if condition_min_images is None else condition_min_images
+    min_per_label = cond_cfg.calibration_min_per_label if condition_min_per_label is None \
+        else condition_min_per_label
+    if min_images < 2 or min_per_label < 1:
+        raise ValueError("the minimum images per condition must be >= 2 and per label >= 1")
     target = Path(out_path) if out_path is not None else (
         cfg.resolve(cfg.engine.calibration) if cfg.engine.calibration
         else Path(cfg.artifacts_dir) / "calibration.json")
@@ -492,28 +581,66 @@ async def run_calibration(config: Path, folders: Sequence[Path], *, split: Optio
     names = list(out.raw)
     raw = {n: np.asarray(out.raw[n], dtype=np.float64) for n in names}
     specs = {s.name: s for s in cfg.active_tiers}
+    priors = {n: specs[n].weight for n in names}
     methods = {n: method or specs[n].calibration for n in names}
     fit_rows = balanced_indices(y, fit_idx, seed) if balance else fit_idx
     cal = fit_calibration_set({n: raw[n][fit_rows] for n in names}, y[fit_rows], methods=methods,
-                              prior={n: specs[n].weight for n in names})
+                              prior=priors)
+    if conditions:
+        C_fit = np.stack([np.where(np.isfinite(raw[n][fit_idx]),
+                                   cal.calibrators[n](np.nan_to_num(raw[n][fit_idx], nan=0.5)), np.nan)
+                          for n in names], axis=1)
+        flags = {c: out.flags(c)[fit_idx] for c in PRIORITY}
+        cal.conditions = fit_condition_maps(C_fit, y[fit_idx], flags, names,
+                                            [cal.weights[n] for n in names], min_images=min_images,
+                                            min_per_label=min_per_label, balanced=balance)
     yh = y[hold_idx]
+    hold_raw = {n: raw[n][hold_idx] for n in names}
+    hold_conds = [out.conditions[i] for i in hold_idx]
     tiers: dict[str, Any] = {}
-    C = np.full((hold_idx.size, len(names)), np.nan)
-    for j, n in enumerate(names):
-        r = raw[n][hold_idx]
+    for n in names:
+        r = hold_raw[n]
         ok = np.isfinite(r)
         c = np.full_like(r, np.nan)
         if ok.any():
             c[ok] = np.asarray(cal.calibrators[n](r[ok]), dtype=np.float64)
-        C[:, j] = c
         tiers[n] = {"method": methods[n], "ece_before": _ece_or_none(r, yh, balance, seed),
                     "ece_after": _ece_or_none(c, yh, balance, seed), "weight": cal.weights.get(n)}
-    fused = fuse_matrix(C, [cal.weights[n] for n in names])
+    fused, final, decisions = cal.apply(hold_raw, priors, hold_conds)
     ok = np.isfinite(fused)
-    final = np.asarray(cal.threshold_map(fused[ok]), dtype=np.float64)
-    equal_raw = fuse_matrix(np.stack([raw[n][hold_idx] for n in names], axis=1),
-                            [specs[n].weight for n in names])
+    equal_raw, _, _ = CalibrationSet.identity().apply(hold_raw, priors)
     okr = np.isfinite(equal_raw)
+    # the file this one would replace, on the same held-out images (none: no calibration at all)
+    previous, previous_name = None, "no calibration (identity)"
+    if target.exists():
+        try:
+            previous = CalibrationSet.load(target)
+            previous_name = str(target)
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is replaced, with a word
+            logger.warning("the current calibration file {} is unreadable ({}); comparing with no "
+                           "calibration", target, exc)
+    prev_fused = equal_raw if previous is None else previous.apply(hold_raw, priors, hold_conds)[0]
+    ece_new = _ece_or_none(fused, yh, balance, seed)
+    ece_current = _ece_or_none(prev_fused, yh, balance, seed)
+    worse = ece_new is not None and ece_current is not None and ece_new > ece_current + 1e-12
+    by_condition: dict[str, Any] = {}
+    pooled_fused, pooled_final, _ = cal.apply(hold_raw, priors, hold_conds, condition_aware=False)
+    for c in PRIORITY:
+        m = np.array([hc.get(c) is True for hc in hold_conds], dtype=bool)
+        fitted = cal.conditions.get(c)
+        n_fit = int(out.flags(c)[fit_idx].sum())
+        n_fit_pos = int(y[fit_idx][out.flags(c)[fit_idx]].sum())
+        if not m.any() and fitted is None and n_fit == 0:
+            continue
+        by_condition[c] = {
+            "n_fit": n_fit, "n_fit_positive": n_fit_pos, "n_holdout": int(m.sum()),
+            "own_maps": fitted is not None,
+            "n_own_maps_fit": None if fitted is None else fitted.n,
+            "n_own_maps_fit_positive": None if fitted is None else fitted.n_positive,
+            "t_star": None if fitted is None else fitted.threshold_map.t_star,
+            "n_own_maps_holdout": int(np.sum(m & (decisions != POOLED))),
+            "pooled": figures(pooled_final[m], yh[m], seed=seed) if m.any() else None,
+            "condition_aware": figures(final[m], yh[m], seed=seed) if m.any() else None}
     summary = {
         "file": str(target), "era": era, "split": split or "all", "seed": seed,
         "n_fit": int(fit_idx.size), "n_holdout": int(hold_idx.size),
@@ -521,18 +648,29 @@ async def run_calibration(config: Path, folders: Sequence[Path], *, split: Optio
         "t_star": cal.threshold_map.t_star,
         "tiers": tiers,
         "fused": {"ece_before": _ece_or_none(equal_raw, yh, balance, seed),
-                  "ece_after": _ece_or_none(fused, yh, balance, seed),
+                  "ece_after": ece_new,
+                  "ece_after_pooled": _ece_or_none(pooled_fused, yh, balance, seed),
                   "reward_at_0_5_before": _clean(expected_reward(equal_raw[okr], yh[okr], seed=seed)),
-                  "reward_at_t_star_after": _clean(expected_reward(final, yh[ok], seed=seed))},
+                  "reward_at_t_star_after": _clean(expected_reward(final[ok], yh[ok], seed=seed)),
+                  "reward_at_t_star_pooled": _clean(expected_reward(pooled_final[ok], yh[ok], seed=seed))},
+        "condition_min": {"images": min_images, "per_label": min_per_label},
+        "conditions": by_condition,
+        "current": {"file": previous_name, "ece": ece_current},
+        "written": False, "forced": False,
     }
     cal.metrics = {**cal.metrics, "holdout": summary}
+    if worse and not force:
+        logger.warning("held-out ECE of the new calibration {:.4f} is worse than {:.4f} of {}: "
+                       "nothing written (--force writes it anyway)", ece_new, ece_current, previous_name)
+        return summary
+    summary["written"], summary["forced"] = True, bool(worse)
     cal.save(target)
     logger.info("calibration written to {}", target)
     return summary
 
 
 def format_calibration(summary: dict[str, Any]) -> str:
-    """ECE before/after per tier and fused, and the threshold, for the terminal."""
+    """ECE before/after per tier and fused, the threshold, per-condition maps, for the terminal."""
     def f(v: Optional[float]) -> str:
         return "      -" if v is None else f"{v:7.3f}"
 
@@ -548,5 +686,31 @@ def format_calibration(summary: dict[str, Any]) -> str:
     lines.append(f"reward-optimal threshold t* = {summary['t_star']:.4f} (mapped to 0.5 + eps)")
     lines.append(f"expected reward at 50/50: raw fused at 0.5 {f(fz['reward_at_0_5_before']).strip()} -> "
                  f"calibrated at t* {f(fz['reward_at_t_star_after']).strip()}")
-    lines.append(f"written: {summary['file']}")
+    conds = summary.get("conditions") or {}
+    if conds:
+        cm = summary.get("condition_min", {})
+        lines.append(f"per condition (own maps need >= {cm.get('images')} fitting images, >= "
+                     f"{cm.get('per_label')} per label); held-out MCC / ECE / reward, pooled -> own:")
+        for c, v in conds.items():
+            head = f"  {c:<13} in fit {v['n_fit']:>4}, held-out {v['n_holdout']:>4}"
+            if not v["own_maps"]:
+                lines.append(f"{head}: pooled maps (too few: {v['n_fit_positive']} roadwork, "
+                             f"{v['n_fit'] - v['n_fit_positive']} none)")
+                continue
+            p, o = v["pooled"] or {}, v["condition_aware"] or {}
+            lines.append(f"{head}: own t* {v['t_star']:.4f} from {v['n_own_maps_fit']} images "
+                         f"({v['n_own_maps_fit_positive']} roadwork; earlier conditions took the rest); "
+                         f"MCC {f(p.get('mcc')).strip()} -> "
+                         f"{f(o.get('mcc')).strip()}, ECE {f(p.get('ece')).strip()} -> "
+                         f"{f(o.get('ece')).strip()}, reward {f(p.get('reward')).strip()} -> "
+                         f"{f(o.get('reward')).strip()}")
+    cur = summary.get("current") or {}
+    verdict = (f"held-out fused ECE {f(fz['ece_after']).strip()} (new) vs "
+               f"{f(cur.get('ece')).strip()} ({cur.get('file')})")
+    if summary.get("written"):
+        forced = " although worse (--force)" if summary.get("forced") else ""
+        lines.append(f"{verdict}: written{forced}: {summary['file']}")
+    else:
+        lines.append(f"{verdict}: NOT written, the current file stays (worse held-out ECE; "
+                     f"--force writes it anyway)")
     return "\n".join(lines)
