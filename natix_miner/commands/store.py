@@ -7,6 +7,9 @@ from pathlib import Path
 
 from loguru import logger
 
+from natix_miner.commands.flags import add_config_arg
+from natix_miner.settings import resolve_config_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -63,8 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def _store_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=Path("configs/cpu.yaml"),
-                   help="root YAML config whose engine.store.dir to read (default: configs/cpu.yaml)")
+    add_config_arg(p)
     p.add_argument("--store", type=Path, default=None, metavar="DIR",
                    help="the store directory itself (overrides the config's engine.store.dir)")
 
@@ -74,7 +76,7 @@ def _store_dir(args: argparse.Namespace) -> Path:
         return args.store
     from cascade.config import load_cascade_config
 
-    cfg = load_cascade_config(args.config)
+    cfg = load_cascade_config(resolve_config_path(args.config))
     return cfg.resolve(cfg.engine.store.dir)
 
 
@@ -145,7 +147,7 @@ def run_info(args: argparse.Namespace) -> int:
         reasons[it["reason"]] = reasons.get(it["reason"], 0) + 1
     budget = ""
     if args.store is None:
-        cfg = load_cascade_config(args.config).engine.store
+        cfg = load_cascade_config(resolve_config_path(args.config)).engine.store
         budget = f" (budget {cfg.max_items} items, {cfg.max_mb:.0f} MiB)"
     print(f"{directory}: {len(items)} items, {size / 2 ** 20:.1f} MiB{budget}; by reason: "
           + (", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "-"))
