@@ -233,23 +233,28 @@ def _map_samples(ds: Any, src: DatasetSource, split_name: str, tag: str,
 class StreamedItems:
     """The training split of a streamed dataset: iterable again each epoch, never held whole.
 
+    Rows keep the key and hold-out decision of their position in the source stream, whatever
+    the epoch's order: `shuffled(epoch)` reorders through a seeded buffer after both are made.
     `seen` holds the (key, label) pairs of the last full pass, for the data fingerprint.
     """
 
     def __init__(self, ds: Any, src: DatasetSource, split_name: str, *, seed: int,
-                 hold_out: bool, limit: Optional[int]) -> None:
+                 hold_out: bool, limit: Optional[int], shuffle_epoch: Optional[int] = None,
+                 buffer_size: int = 1000) -> None:
         self.ds, self.src, self.split_name = ds, src, split_name
         self.seed, self.hold_out, self.limit = seed, hold_out, limit
+        self.shuffle_epoch, self.buffer_size = shuffle_epoch, buffer_size
         self.seen: list[tuple[str, int]] = []
-        self.epoch = 0
+        self._owner: Optional[StreamedItems] = None
 
     def shuffled(self, epoch: int, buffer_size: int = 1000) -> "StreamedItems":
-        """The same stream, shuffled through a buffer seeded by (seed, epoch)."""
-        out = StreamedItems(self.ds.shuffle(seed=self.seed + epoch, buffer_size=buffer_size), self.src,
-                            self.split_name, seed=self.seed, hold_out=self.hold_out, limit=self.limit)
+        """The same rows, in an order drawn through a buffer seeded by (seed, epoch)."""
+        out = StreamedItems(self.ds, self.src, self.split_name, seed=self.seed, hold_out=self.hold_out,
+                            limit=self.limit, shuffle_epoch=epoch, buffer_size=buffer_size)
+        out._owner = self._owner or self  # a pass over the shuffled view names the same rows
         return out
 
-    def __iter__(self) -> Iterator[HFSample]:
+    def _rows(self) -> Iterator[HFSample]:
         c = self.src.columns
         seen: list[tuple[str, int]] = []
         for i, row in enumerate(self.ds):
@@ -264,6 +269,24 @@ class StreamedItems:
             yield HFSample(key, label, str(row[c.source]) if c.source else self.src.short_name,
                            "train", row[c.image])
         self.seen = seen
+        if self._owner is not None:
+            self._owner.seen = seen
+
+    def __iter__(self) -> Iterator[HFSample]:
+        if self.shuffle_epoch is None:
+            yield from self._rows()
+            return
+        rng = np.random.default_rng([self.seed, self.shuffle_epoch, 11])
+        buffer: list[HFSample] = []
+        for sample in self._rows():
+            if len(buffer) < self.buffer_size:
+                buffer.append(sample)
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], sample = sample, buffer[j]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
 
 
 def _stream_val(ds: Any, src: DatasetSource, split_name: str, *, seed: int, from_train: bool,
