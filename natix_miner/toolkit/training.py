@@ -245,8 +245,10 @@ def _fmt(x: Any) -> str:
 
 def summary_lines(name: str, report: dict[str, Any]) -> list[str]:
     lines = [f"tier {name} ({report.get('mode', 'head')}): head -> {report['head']}",
-             f"  train: {report['n_train_images']} images (+{report['augment_copies']} augmented copies "
-             f"each), chosen L2 {report['fit'].get('l2')}, {report['seconds']:.0f} s"]
+             f"  train: {report['n_train_images']} images"
+             + (f" (+{report['augment_copies']} augmented copies each), chosen L2 {report['fit'].get('l2')}"
+                if "l2" in report["fit"] else " (untrained head to start)")
+             + f", {report['seconds']:.0f} s"]
     ft = report.get("finetune")
     if ft:
         lines.append(f"  {report['mode']}: {ft['epochs_run']} epochs, kept epoch {ft['best_epoch']}, "
