@@ -138,11 +138,15 @@ class _EpochPlan(torch.utils.data.Dataset):
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    def __init__(self, tier: FineTunable, items: Any, *, seed: int, epoch: int, augment: bool) -> None:
+    def __init__(self, tier: FineTunable, items: Any, *, seed: int, epoch: int, augment: bool,
+                 limit: Optional[int]) -> None:
         self.tier, self.items, self.seed, self.epoch, self.augment = tier, items, seed, epoch, augment
+        self.limit = limit
 
     def __iter__(self):
         for pos, sample in enumerate(self.items.shuffled(self.epoch)):
+            if self.limit is not None and pos >= self.limit:
+                break
             try:
                 image = sample.load()
             except Exception as exc:  # noqa: BLE001
@@ -232,7 +236,7 @@ def finetune(tier: Any, train_items: Any, val_items: Sequence[Any], head: Head,
     split (`hf_dataset.StreamedItems`). `val_items` is scored after every epoch, unaugmented.
     """
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     settings.check()
     if not isinstance(tier, FineTunable):
@@ -258,13 +262,15 @@ def finetune(tier: Any, train_items: Any, val_items: Sequence[Any], head: Head,
             raise ValueError("fine-tuning needs both labels in the training split")
         strata = (np.array([it.dataset for it in train_items]) if settings.balance == "dataset" else None)
         n_epoch = settings.epoch_size or len(train_items)
-    steps_per_epoch = math.ceil(n_epoch / settings.batch_size / settings.grad_accum) if n_epoch else 100
-    total_steps = max(1, steps_per_epoch * settings.epochs)
-
     params = net.param_groups(settings.lr_backbone, settings.lr_head, settings.weight_decay)
     optimizer = torch.optim.AdamW(params)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_fraction * total_steps),
-                                                total_steps)
+    if n_epoch:
+        steps_per_epoch = math.ceil(n_epoch / settings.batch_size / settings.grad_accum)
+        total_steps = max(1, steps_per_epoch * settings.epochs)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_fraction * total_steps),
+                                                    total_steps)
+    else:  # a stream of unknown length: warm up over about one epoch's first steps, then constant
+        scheduler = get_constant_schedule_with_warmup(optimizer, 10)
     net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
     raw_net: TrainingNet = accelerator.unwrap_model(net)
     val_labels = np.array([it.sample.label for it in val_items], dtype=np.int64)
@@ -277,7 +283,8 @@ def finetune(tier: Any, train_items: Any, val_items: Sequence[Any], head: Head,
     collate = _collate(tier)
     for epoch in range(settings.epochs):
         if streamed:
-            data = _Stream(tier, train_items, seed=seed, epoch=epoch, augment=settings.augment)
+            data = _Stream(tier, train_items, seed=seed, epoch=epoch, augment=settings.augment,
+                           limit=settings.epoch_size)
         else:
             plan = draw_plan(labels, strata, n_epoch, seed, epoch)
             data = _EpochPlan(tier, train_items, plan, seed=seed, epoch=epoch, augment=settings.augment)
