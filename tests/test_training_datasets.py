@@ -2,7 +2,6 @@
 their own splits, a seeded grouped split, column mapping, streaming, and a head trained from them."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,8 @@ TIER = "effnet_lite0.tiny"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _offline():
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+def _offline(hf_offline):
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def image(rng: np.random.Generator, positive: bool) -> Image.Image:

@@ -3,7 +3,6 @@ the base frozen, a planted signal is learnt end to end, and what training valida
 engine serves."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,8 @@ VIT = "dinov2_tiny.head"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _offline():
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+def _offline(hf_offline):
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def planted(rng: np.random.Generator, positive: bool, side: int = 48) -> Image.Image:

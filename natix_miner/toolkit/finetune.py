@@ -33,6 +33,7 @@ from models.heads import Head, class_weights
 from natix_miner.toolkit import metrics
 from natix_miner.toolkit.gram import gram_loss
 from natix_miner.toolkit.train_augment import random_training_view
+from natix_miner.toolkit.training import load_item_image
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("dataset", "class")
@@ -108,14 +109,6 @@ def mixed_precision(precision: str, device: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def _load(item: Any) -> Any:
-    try:
-        return item.sample.load()
-    except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop training
-        logger.warning("skipping unreadable image {}: {}", item.sample.key, exc)
-        return None
-
-
 class _EpochPlan(torch.utils.data.Dataset):
     """The images of one epoch, in draw order; position p gets its own seeded augmentation."""
 
@@ -129,7 +122,7 @@ class _EpochPlan(torch.utils.data.Dataset):
 
     def __getitem__(self, pos: int) -> Optional[tuple[Any, int]]:
         item = self.items[int(self.plan[pos])]
-        image = _load(item)
+        image = load_item_image(item)
         if image is None:
             return None
         if self.augment:
@@ -218,7 +211,7 @@ def predict_items(net: TrainingNet, tier: FineTunable, items: Sequence[Any], acc
         pending.clear()
 
     for i, item in enumerate(tqdm(items, desc=desc, unit="img", leave=False, dynamic_ncols=True)):
-        image = _load(item)
+        image = load_item_image(item)
         if image is None:
             continue
         pending.append((tier.train_inputs(image), i))

@@ -135,7 +135,8 @@ def collect_datasets(sources: Sequence[DatasetSource], split: str, val_split: Op
     return (streams[0] if streams else train), val
 
 
-def _load(item: Item) -> Optional[Image.Image]:
+def load_item_image(item: Item) -> Optional[Image.Image]:
+    """The item's RGB image, or None (with a warning) when it cannot be read."""
     try:
         return item.sample.load()
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop training
@@ -168,7 +169,7 @@ def extract(tier: TrainableTier, items: Sequence[Item], *, copies: int = 0, seed
     total = len(items) * (1 + copies) if hasattr(items, "__len__") else None
     with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as bar:
         for idx, item in enumerate(items):
-            image = _load(item)
+            image = load_item_image(item)
             if image is None:
                 bar.update(1 + copies)
                 continue
