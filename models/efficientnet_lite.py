@@ -226,11 +226,6 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
         if finetuned is not None:
             self.load_finetuned_backbone(finetuned)
 
-    def finetuned_backbone(self) -> Optional[tuple[str, Any, str]]:
-        """(kind, path, sha256) of the fine-tuned backbone the loaded head names; None = ImageNet."""
-        return backbone_weights.resolve((self.head.info if self.head else {}).get("backbone"),
-                                        self.spec.artifact(""), tier=self.name, fix=self.fix_command())
-
     def load_finetuned_backbone(self, found: tuple[str, Any, str]) -> None:
         """Replace the ImageNet weights by the fine-tuned state dict (checked by its sha256)."""
         from safetensors.torch import load_file

@@ -403,6 +403,17 @@ class HeadMixin:
     def fix_command(self) -> str:
         return f"natix-miner train --config {self.spec.source} --images DIR"  # type: ignore
 
+    def finetuned_backbone(self) -> Optional[tuple[str, Path, str]]:
+        """(kind, path, sha256) of the fine-tuned backbone the loaded head was trained on, checked
+        against head.json; None for a head on the pretrained backbone (`models.backbone_weights`)."""
+        from models import backbone_weights
+
+        info = self.head.info if self.head is not None else {}
+        mode = info.get("mode")
+        fix = self.fix_command() + (f" --mode {mode}" if mode in ("finetune", "lora") else "")
+        return backbone_weights.resolve(info.get("backbone"), self.spec.artifact(""),  # type: ignore
+                                        tier=self.name, fix=fix)  # type: ignore[attr-defined]
+
     def _load_head(self, expected_dim: Optional[int] = None) -> Head:
         """Read the trained head or raise MissingArtifactError with the command that makes it."""
         path = self.head_path()

@@ -156,8 +156,7 @@ class HFBackboneHeadTier(HeadMixin, FineTunable, TrainableTier):
         # The head first: a missing head (or the fine-tuned backbone it names) fails fast,
         # before seconds of weight loading.
         self._load_head()
-        finetuned = backbone_weights.resolve(self.head.info.get("backbone"), self.spec.artifact(""),
-                                             tier=self.name, fix=self.fix_command())
+        finetuned = self.finetuned_backbone()
         self.load_backbone(device)
         if finetuned is not None:
             self.load_finetuned_backbone(finetuned)
