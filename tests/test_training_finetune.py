@@ -71,7 +71,7 @@ def finetuned(folder, tmp_path_factory):
     report = tmp / "report.json"
     code = main(["train", "--config", str(cfg), "--images", str(folder), "--mode", "finetune",
                  "--head-init", "untrained", "--no-augment", "--epochs", "2", "--patience", "0",
-                 "--lr-backbone", "3e-4", "--lr-head", "1e-2", "--batch", "8", "--seed", "1",
+                 "--lr-backbone", "1e-3", "--lr-head", "1e-2", "--batch", "8", "--seed", "1",
                  "--report", str(report)])
     assert code == 0
     return cfg, json.loads(report.read_text())[EFF]
@@ -124,7 +124,7 @@ def test_finetune_learns_a_planted_signal_from_chance(finetuned, folder):
     assert meta["mode"] == "finetune" and meta["epochs_run"] == 2 and meta["best_epoch"] in (1, 2)
     assert meta["backbone"]["path"] == "backbone.safetensors" and len(meta["backbone"]["sha256"]) == 64
     assert meta["datasets"] == [str(folder.resolve())] and meta["metrics"]["all"]["auc"] > 0.9
-    assert meta["finetune"]["lr_backbone"] == 3e-4 and meta["peak_rss_mib"] > 0
+    assert meta["finetune"]["lr_backbone"] == 1e-3 and meta["peak_rss_mib"] > 0
     assert spec.artifact("learning_curve.png").stat().st_size > 1000
     # The backbone moved away from the ImageNet weights.
     from safetensors.torch import load_file
@@ -152,6 +152,13 @@ async def test_finetuned_checkpoint_served_by_the_engine_matches_training(finetu
     finally:
         await engine.stop()
     assert weights["source"] == "finetuned" and weights["path"].endswith("backbone.safetensors")
+    # The match is not luck: the same head on the ImageNet backbone answers differently.
+    stale = build_tier(load_cascade_config(cfg).tiers[0])
+    stale.load_finetuned_backbone = lambda found: None
+    stale.load("cpu")
+    keys = list(trained)
+    out = stale.predict([samples[k].load() for k in keys])
+    assert max(abs(o.prob - trained[k]) for o, k in zip(out, keys)) > 1e-3
 
 
 def test_a_changed_backbone_file_is_refused(finetuned, tmp_path):
