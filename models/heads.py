@@ -403,6 +403,17 @@ class HeadMixin:
     def fix_command(self) -> str:
         return f"natix-miner train --config {self.spec.source} --images DIR"  # type: ignore
 
+    def finetuned_backbone(self) -> Optional[tuple[str, Path, str]]:
+        """(kind, path, sha256) of the fine-tuned backbone the loaded head was trained on, checked
+        against head.json; None for a head on the pretrained backbone (`models.backbone_weights`)."""
+        from models import backbone_weights
+
+        info = self.head.info if self.head is not None else {}
+        mode = info.get("mode")
+        fix = self.fix_command() + (f" --mode {mode}" if mode in ("finetune", "lora") else "")
+        return backbone_weights.resolve(info.get("backbone"), self.spec.artifact(""),  # type: ignore
+                                        tier=self.name, fix=fix)  # type: ignore[attr-defined]
+
     def _load_head(self, expected_dim: Optional[int] = None) -> Head:
         """Read the trained head or raise MissingArtifactError with the command that makes it."""
         path = self.head_path()
@@ -421,3 +432,64 @@ class HeadMixin:
                 f"backbone gives {expected_dim})", fix=self.fix_command())
         self.head = head
         return head
+
+
+# ---------------------------------------------------------------------------------------------
+# the head as a torch module, for end-to-end fine-tuning
+
+
+def torch_head(head: Head) -> "Any":
+    """A trainable torch module computing the same logits as `head` (standardisation kept fixed).
+
+    Fine-tuning starts from a head fitted on frozen features (or `initial_head`) and trains it with
+    the backbone; `head_from_torch` turns it back into a `Head`, so the served file format and
+    `Head.predict_proba` never change with the training mode.
+    """
+    import torch
+
+    class TorchHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kind = head.kind
+            self.register_buffer("mean", torch.from_numpy(np.ascontiguousarray(head.mean, np.float32)))
+            self.register_buffer("std", torch.from_numpy(np.ascontiguousarray(head.std, np.float32)))
+            p = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in head.params.items()}
+            if head.kind == "logistic":
+                self.w = torch.nn.Parameter(p["w"].clone())
+                self.b = torch.nn.Parameter(p["b"].reshape(1).clone())
+            else:
+                self.w1 = torch.nn.Parameter(p["w1"].clone())
+                self.b1 = torch.nn.Parameter(p["b1"].clone())
+                self.w2 = torch.nn.Parameter(p["w2"].clone())
+                self.b2 = torch.nn.Parameter(p["b2"].reshape(1).clone())
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            z = (features.float() - self.mean) / self.std
+            if self.kind == "logistic":
+                return z @ self.w + self.b
+            return torch.relu(z @ self.w1 + self.b1) @ self.w2 + self.b2
+
+    return TorchHead()
+
+
+def head_from_torch(module: "Any", info: Optional[dict[str, Any]] = None) -> Head:
+    """The `Head` a `torch_head` module now computes (for `Head.save`)."""
+    sd = {k: v.detach().float().cpu().numpy().copy() for k, v in module.state_dict().items()}
+    needed = ("w", "b") if module.kind == "logistic" else ("w1", "b1", "w2", "b2")
+    return Head(kind=module.kind, mean=sd["mean"], std=sd["std"], params={k: sd[k] for k in needed},
+                info=dict(info or {}))
+
+
+def initial_head(dim: int, kind: str = "logistic", hidden: int = 256, seed: int = 0) -> Head:
+    """An untrained head (zero logistic weights: p = 0.5 for every image; small random MLP)."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"kind: expected one of {HEAD_KINDS}, got {kind!r}")
+    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if kind == "logistic":
+        params = {"w": np.zeros(dim, np.float32), "b": np.zeros(1, np.float32)}
+    else:
+        rng = np.random.default_rng(seed)
+        params = {"w1": (rng.normal(0, 1 / math.sqrt(dim), (dim, hidden))).astype(np.float32),
+                  "b1": np.zeros(hidden, np.float32), "w2": np.zeros(hidden, np.float32),
+                  "b2": np.zeros(1, np.float32)}
+    return Head(kind=kind, mean=mean, std=std, params=params, info={"init": "untrained"})

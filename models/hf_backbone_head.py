@@ -8,7 +8,13 @@ gated on the hub: accept it there first). Licence: that of the checkpoint.
 Features are [CLS token, mean of patch tokens] of the last layer (register tokens excluded), the
 standard linear-probe recipe of the DINO papers; the head (logistic or one-hidden-layer MLP) is
 fitted by `natix-miner train` in the same file format as every backbone+head tier
-(`models.heads`, `<artifacts_dir>/<tier>/head.pt`). The backbone is never fine-tuned here.
+(`models.heads`, `<artifacts_dir>/<tier>/head.pt`).
+
+Fine-tuning (`natix-miner train --mode finetune|lora`, `HFTrainingNet`): the whole backbone, or
+LoRA adapters (peft) on the attention / MLP projections of its blocks, trained with the head.
+What training writes the tier loads with no extra setting (`load_finetuned_backbone`): a full
+`backbone/` directory (finetune, or LoRA merged) or an `adapter/` directory (LoRA kept separate,
+merged into the base checkpoint at load; needs peft), checked against the sha256 in head.json.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from PIL import Image
 from cascade.config import TierSpec
 from cascade.errors import ConfigError, MissingArtifactError
 from cascade.tier import TierOutput, TrainableTier
+from models import backbone_weights
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  rgb, to_device, torch_dtype)
-from models.heads import HEAD_KINDS, HeadMixin
+from models.finetunable import FineTunable, NetOptions, TrainingNet, linear_names_in_blocks
+from models.heads import HEAD_KINDS, Head, HeadMixin, head_from_torch, torch_head
 
 POOLINGS = ("cls_mean", "cls", "mean")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,10 +94,11 @@ def pool_features(hidden: torch.Tensor, pooler: Optional[torch.Tensor], n_prefix
     return torch.cat([cls, mean], dim=-1)
 
 
-class HFBackboneHeadTier(HeadMixin, TrainableTier):
-    """Frozen foundation backbone features -> trained head."""
+class HFBackboneHeadTier(HeadMixin, FineTunable, TrainableTier):
+    """Foundation backbone features (frozen, fine-tuned or LoRA-adapted) -> trained head."""
 
     Options = Options
+    finetune_modes = ("finetune", "lora")
 
     def __init__(self, spec: TierSpec) -> None:
         super().__init__(spec)
@@ -99,6 +108,7 @@ class HFBackboneHeadTier(HeadMixin, TrainableTier):
         self._dtype = torch.float32
         self._n_prefix = 1
         self._norm: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
+        self._weights: Optional[dict[str, str]] = None
 
     # ---- identity of the features ------------------------------------------------------------
 
@@ -121,12 +131,13 @@ class HFBackboneHeadTier(HeadMixin, TrainableTier):
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def load_backbone(self, device: str) -> None:
+    def load_backbone(self, device: str, dtype: Optional[torch.dtype] = None) -> None:
+        """The checkpoint's backbone and processor; `dtype` overrides the spec's (training: fp32)."""
         from transformers import AutoImageProcessor, AutoModel
 
         path = checkpoint_or_raise(self.spec)
         self.device = resolve_device(device)
-        self._dtype = torch_dtype(self.spec.dtype, self.device)
+        self._dtype = dtype or torch_dtype(self.spec.dtype, self.device)
         try:
             self.processor = AutoImageProcessor.from_pretrained(path)
         except (ImportError, OSError, ValueError) as exc:
@@ -139,11 +150,16 @@ class HFBackboneHeadTier(HeadMixin, TrainableTier):
         model = AutoModel.from_pretrained(path, dtype=self._dtype)
         self.model = model.to(self.device).eval()
         self._n_prefix = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+        self._weights = {"source": "pretrained", "path": path}
 
     def load(self, device: str) -> None:
-        # The head first: a missing head fails fast, before seconds of weight loading.
+        # The head first: a missing head (or the fine-tuned backbone it names) fails fast,
+        # before seconds of weight loading.
         self._load_head()
+        finetuned = self.finetuned_backbone()
         self.load_backbone(device)
+        if finetuned is not None:
+            self.load_finetuned_backbone(finetuned)
         if self.head.feature_dim != self.feature_dim:
             raise MissingArtifactError(
                 f"trained head for tier {self.name} at {self.head_path()} (feature dim "
@@ -200,6 +216,73 @@ class HFBackboneHeadTier(HeadMixin, TrainableTier):
             return [RuntimeError(f"tier {self.name}: head not loaded") for _ in images]
         return per_item(images, self._batch)
 
+    # ---- fine-tuning (natix-miner train --mode finetune|lora) ---------------------------------
+
+    def load_finetuned_backbone(self, found: tuple[str, Path, str]) -> None:
+        """Swap in the fine-tuned backbone (full directory, or a LoRA adapter merged into the base)."""
+        from transformers import AutoModel
+
+        kind, path, sha = found
+        if kind == "hf_dir":
+            model = AutoModel.from_pretrained(str(path), dtype=self._dtype)
+        elif kind == "peft_adapter":
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise ImportError(f"tier {self.name}: its LoRA adapter needs peft: "
+                                  "pip install -c constraints.txt peft") from None
+            model = PeftModel.from_pretrained(self.model, str(path)).merge_and_unload()
+        else:
+            raise ValueError(f"tier {self.name}: backbone kind {kind!r} is not a transformers backbone")
+        old, self.model = self.model, model.to(self.device).eval()
+        if old is not model:
+            release(old)
+        self._weights = {"source": f"finetuned ({kind})", "path": str(path), "sha256": sha}
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["backbone_weights"] = self._weights
+        return info
+
+    def load_for_training(self, device: str) -> None:
+        self.load_backbone(device, dtype=torch.float32)
+
+    def train_inputs(self, image: Any) -> Any:
+        return self._pixels(rgb([image]))["pixel_values"][0].float()
+
+    def collate_inputs(self, items: list[Any]) -> Any:
+        return {"pixel_values": torch.stack(items)}
+
+    def training_net(self, head: Head, options: NetOptions) -> "HFTrainingNet":
+        if options.mode not in self.finetune_modes:
+            raise ValueError(f"tier {self.name}: mode {options.mode!r} is not one of "
+                             f"{['head', *self.finetune_modes]}")
+        if self.model is None:
+            raise RuntimeError(f"tier {self.name}: backbone not loaded (call load_backbone)")
+        return HFTrainingNet(self.model, torch_head(head), n_prefix=self._n_prefix,
+                             pooling=self.options.pooling, options=options)
+
+    def save_finetuned(self, net: TrainingNet, metadata: dict[str, Any]) -> Path:
+        import shutil
+
+        tier_dir = self.spec.artifact("")
+        tier_dir.mkdir(parents=True, exist_ok=True)
+        backbone = net.backbone
+        if net.lora and not net.merge:
+            kind, out = "peft_adapter", tier_dir / "adapter"
+        else:
+            kind, out = "hf_dir", tier_dir / "backbone"
+            if net.lora:
+                backbone = backbone.merge_and_unload()
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone.save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+        rec = backbone_weights.record(kind, out, tier_dir)
+        self.head = head_from_torch(net.head, info=metadata.pop("head_info", {}))
+        return self.save_head({**metadata, "backbone": rec})
+
 
 def _normalisation_from_config(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """image_mean / image_std from the checkpoint's preprocessor_config.json, else ImageNet's."""
@@ -211,3 +294,56 @@ def _normalisation_from_config(path: str) -> tuple[tuple[float, ...], tuple[floa
         return tuple(data["image_mean"]), tuple(data["image_std"])
     except Exception:  # noqa: BLE001 - any failure: the DINO family's ImageNet statistics
         return IMAGENET_MEAN, IMAGENET_STD
+
+class HFTrainingNet(TrainingNet):
+    """A transformers backbone (fully trainable, or frozen with LoRA adapters) + pooling + head."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, *, n_prefix: int,
+                 pooling: str, options: NetOptions) -> None:
+        import copy
+
+        super().__init__()
+        self.n_prefix, self.pooling = n_prefix, pooling
+        self.lora = options.mode == "lora"
+        self.merge = options.lora.merge
+        self.teacher = None
+        if self.lora:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ImportError("--mode lora needs peft: pip install -c constraints.txt peft") from None
+            targets = list(options.lora.targets) or linear_names_in_blocks(backbone)
+            if not targets:
+                raise ValueError("no nn.Linear inside numbered blocks to put LoRA adapters on; "
+                                 "name them with --lora-targets")
+            cfg = LoraConfig(r=options.lora.r, lora_alpha=options.lora.alpha,
+                             lora_dropout=options.lora.dropout, target_modules=targets, bias="none")
+            backbone = get_peft_model(backbone, cfg)
+        elif options.gram:
+            self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
+        self.backbone = backbone
+        self.head = head
+
+    def backbone_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def _hidden(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        res = model(pixel_values=inputs["pixel_values"])
+        return res.last_hidden_state, getattr(res, "pooler_output", None)
+
+    def _patches(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden[:, self.n_prefix:]
+
+    def forward(self, inputs: Any, with_patches: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        hidden, pooler = self._hidden(self.backbone, inputs)
+        feats = pool_features(hidden, pooler, self.n_prefix, self.pooling)
+        return self.head(feats.float()), (self._patches(hidden) if with_patches else None)
+
+    def teacher_patches(self, inputs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            if self.lora:  # the frozen base is the teacher: the adapters switched off
+                with self.backbone.disable_adapter():
+                    return self._patches(self._hidden(self.backbone, inputs)[0])
+            if self.teacher is None:
+                raise RuntimeError("teacher_patches needs a net built with gram=True")
+            return self._patches(self._hidden(self.teacher, inputs)[0])

@@ -48,3 +48,19 @@ def make_wallet(tmp_path):
         return throwaway_wallet(tmp_path / "wallets", name=name)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def hf_offline():
+    """Hugging Face hub and datasets offline for a module (tiny models and datasets live on disk)."""
+    import os
+
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -26,6 +26,11 @@ class Sample:
     source: str
     split: str
 
+    @property
+    def key(self) -> str:
+        """The sample's identity in fingerprints and caches: its absolute path."""
+        return str(self.path.resolve())
+
     def load(self) -> Image.Image:
         """The image as RGB (EXIF orientation applied)."""
         from PIL import ImageOps

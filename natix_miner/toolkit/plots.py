@@ -96,3 +96,40 @@ def plot_confusions(matrices: Mapping[str, np.ndarray], path: Path, *,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_learning_curve(history: Sequence[Mapping], path: Path, *, title: str = "",
+                        best_epoch: int | None = None) -> Path:
+    """Training loss (and the Gram term) per epoch on the left, val ROC AUC per dataset on the right."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    ax_l.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss (total)")
+    ax_l.plot(epochs, [r["train_bce"] for r in history], marker=".", ls="--", label="train BCE")
+    if any(r.get("gram") is not None for r in history):
+        ax_l.plot(epochs, [r.get("gram") or 0.0 for r in history], marker="x", label="Gram term")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("loss")
+    ax_l.grid(alpha=0.3)
+    ax_l.legend(fontsize=8)
+    if any("val_auc" in r for r in history):
+        ax_r.plot(epochs, [r.get("val_auc", np.nan) for r in history], marker="o", color="black",
+                  label="val AUC (pooled)")
+        names = sorted({k for r in history for k in (r.get("val_auc_by_dataset") or {})})
+        for name in names:
+            ax_r.plot(epochs, [(r.get("val_auc_by_dataset") or {}).get(name, np.nan) for r in history],
+                      marker=".", label=f"val AUC {name}")
+        if best_epoch:
+            ax_r.axvline(best_epoch, color="grey", ls=":", label=f"kept: epoch {best_epoch}")
+        ax_r.set_ylim(0.0, 1.02)
+        ax_r.legend(fontsize=8, loc="lower right")
+    ax_r.set_xlabel("epoch")
+    ax_r.set_ylabel("ROC AUC")
+    ax_r.grid(alpha=0.3)
+    fig.suptitle(title or "fine-tuning learning curve", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
