@@ -57,7 +57,7 @@ class SleepTier(Tier):
 
 
 def build(slow_s: float, deadline_ms: float) -> CascadeEngine:
-    data = {"engine": {"deadline_ms": deadline_ms, "threads_per_device": 1,
+    data = {"engine": {"deadline_ms": deadline_ms,
                        "breaker": {"failures_to_open": 3, "cooldown_s": 30}},
             "router": {"threshold": 0.5, "margin": 0.3},
             "tiers": [{"name": "fast.a", "backend": "bench", "device": "cpu", "max_batch_size": 8,
@@ -81,9 +81,11 @@ async def burst(engine: CascadeEngine, n: int, budget_s: float) -> str:
     fast = sum("fast.a" in r.tier_probs for r, _ in out)
     fallback = sum(r.fallback for r, _ in out)
     slowest = max(s for _, s in out)
-    breakers = {name: t["breaker"] for name, t in engine.health()["tiers"].items()}
+    health = engine.health()
+    breakers = {name: t["breaker"] for name, t in health["tiers"].items()}
+    hung = health.get("hung_tiers", "(not reported)")
     return (f"answers using fast.a {fast:>2}/{n}   fallback {100.0 * fallback / n:5.1f} %   "
-            f"slowest {slowest:5.2f} s of {budget_s:.2f} s   breakers {breakers}")
+            f"slowest {slowest:5.2f} s of {budget_s:.2f} s   breakers {breakers}   hung {hung}")
 
 
 async def scenario(label: str, n: int, budget_s: float, slow_s: float, bursts: int) -> None:
