@@ -41,8 +41,8 @@ class TierEstimate:
     params_m: float
     weights_gib: float
     reserve_gib: float
-    # where params_m / weights_gib came from: "params_m" (the YAML) or what the backend counted
-    source: str = "params_m"
+    # where params_m / weights_gib came from: "declared params_m" (the YAML) or the backend's count
+    source: str = "declared params_m"
     # the runtime books this fraction of its whole device (vLLM); None: weights + reserve
     device_fraction: Optional[float] = None
     declared_params_m: Optional[float] = None  # the YAML's params_m when `source` is a count
@@ -114,7 +114,7 @@ def estimate_tier(spec: TierSpec, needs: Optional[MemoryNeeds] = None) -> TierEs
     counted = needs.params is not None or needs.weights_bytes is not None
     reserve = 0.0 if needs.device_fraction is not None else spec.reserve_mib * MIB / GIB
     return TierEstimate(spec.name, spec.device, spec.dtype, params_m, weights, reserve,
-                        source=(needs.source or "counted") if counted else "params_m",
+                        source=(needs.source or "counted") if counted else "declared params_m",
                         device_fraction=needs.device_fraction,
                         declared_params_m=spec.params_m if counted else None)
 

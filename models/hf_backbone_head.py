@@ -27,6 +27,7 @@ from PIL import Image
 from cascade.config import TierSpec
 from cascade.errors import ConfigError, MissingArtifactError
 from cascade.tier import TierOutput, TrainableTier
+from models.hf_common import TransformersTierMixin
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  rgb, to_device, torch_dtype)
 from models.heads import HEAD_KINDS, HeadMixin
@@ -86,10 +87,11 @@ def pool_features(hidden: torch.Tensor, pooler: Optional[torch.Tensor], n_prefix
     return torch.cat([cls, mean], dim=-1)
 
 
-class HFBackboneHeadTier(HeadMixin, TrainableTier):
+class HFBackboneHeadTier(TransformersTierMixin, HeadMixin, TrainableTier):
     """Frozen foundation backbone features -> trained head."""
 
     Options = Options
+    auto_class = "AutoModel"
 
     def __init__(self, spec: TierSpec) -> None:
         super().__init__(spec)
