@@ -242,7 +242,7 @@ def check_outputs(outputs, n):
 
 # ---- one parametrised test over every registered CPU-capable backend (STYLE habit 10) ----------
 
-GPU_ONLY = {"yolo", "vlm_vllm"}          # need ultralytics / vllm: tests in test_backends_gpu_extras.py
+GPU_ONLY = {"yolo", "vlm_vllm"}          # need ultralytics / vllm: fake-library tests in test_backends_gpu_extras.py
 OTHER_OWNERS = {"efficientnet_lite", "ocr_signs", "hazard_cues"}   # offline CPU tiers, own tests
 ANY_BOX = {"evidence": {"min_score": 0.0, "min_area_frac": 0.0}}
 CASES = [  # (backend, tiny model, options)

@@ -535,3 +535,25 @@ async def test_non_finite_outputs_count_as_invalid_tier_failures(tmp_path):
     assert t.value("cascade_tier_failures_total", {"tier": "nan.a", "kind": "invalid"}) == 1
     assert t.value("cascade_tier_failures_total", {"tier": "fpe.b", "kind": "invalid"}) == 1
     assert t.value("cascade_answers_total", {"kind": "fallback"}) == 1
+
+
+async def test_work_that_cannot_finish_is_not_started(tmp_path):
+    # The batch ahead overran its estimate, so by the time the next request's batch could start
+    # its deadline leaves less than the tier's model time: it is shed there (not run, not a
+    # failure) instead of being started only to be cut by the deadline.
+    eng, made = make_engine(tmp_path, {"slow.a": {"prob": 0.9, "delay_s": 0.2,
+                                                  "stall": lambda i: 0.2 if i == 3 else 0.0}},
+                            tiers=[{"name": "slow.a", "max_batch_size": 1, "expected_latency_ms": 200}],
+                            engine={"breaker": {"failures_to_open": 1, "cooldown_s": 30}})
+    async with eng:
+        for _ in range(3):
+            await eng.predict(image(), deadline_s=2.0)
+        first = asyncio.ensure_future(eng.predict(image(), deadline_s=2.0))  # takes 0.4 s, not 0.2
+        await asyncio.sleep(0.01)
+        late = await eng.predict(image(), deadline_s=0.5)  # admitted: 0.19 + 0.2 s < 0.5 s
+        assert late.shed and late.fallback and late.skipped == {"slow.a": "queue"} and late.failed == []
+        assert late.latency_ms < 450  # answered when it was shed, not at its deadline
+        await first
+        h = eng.health()["tiers"]["slow.a"]
+        assert h["failures"] == 0 and h["breaker"] == "closed"
+    assert made["slow.a"].batch_sizes == [1, 1, 1, 1]  # the late request never ran
