@@ -150,8 +150,11 @@ class CascadeEngine:
         """Build every enabled tier, plan placement, load and warm up; ready only when all did.
 
         Each tier is built, loaded and warmed up on its own worker thread. Tiers that declare
-        `load_alone` (vLLM) load first, one at a time, before any other tier starts loading;
-        the rest load concurrently."""
+        `load_alone` (vLLM) load first, one at a time, before any other tier starts loading.
+        The other loads run one at a time too (their warm-ups overlap): transformers'
+        `from_pretrained` patches process-wide state while it builds a model (torch init
+        functions, `PreTrainedModel.tie_weights`), so two loads on two threads can leave a model's
+        parameters on the meta device (seen with D-FINE by scripts/gpu_check.sh)."""
         if self._started:
             return
         specs = self.config.active_tiers
@@ -162,6 +165,7 @@ class CascadeEngine:
                            "own worker thread")
         self.load_calibration(self.calibration if self._calibration_given else None)
         self._workers = {s.name: TierWorker(s.name) for s in specs}
+        self._load_lock = asyncio.Lock()
         self._aux = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cascade-aux")
         built: dict[str, Tier] = {}
         try:
@@ -240,8 +244,9 @@ class CascadeEngine:
         t0 = time.monotonic()
         try:
             tier.device = device
-            await self._on_worker(spec.name, tier.bind_worker, device)
-            await self._on_worker(spec.name, tier.load, device)
+            async with self._load_lock:  # one load at a time: see start()
+                await self._on_worker(spec.name, tier.bind_worker, device)
+                await self._on_worker(spec.name, tier.load, device)
             outs = await self._on_worker(spec.name, tier.warmup)
             if outs is None:
                 warm = Image.new("RGB", (640, 480), (90, 90, 90))
