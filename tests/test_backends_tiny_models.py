@@ -523,3 +523,29 @@ def test_gpu_smoke_script_cpu_path(tiny, tmp_path, capsys, monkeypatch):
                      "--tiers", "vit.wrong_labels", "vit.tiny"])
     text = capsys.readouterr()
     assert rc == 1 and "FAILED" in text.out and "pothole" in text.out and "vit.wrong_labels" in text.err
+
+
+async def test_engine_start_loads_transformers_tiers_one_at_a_time(tiny, tmp_path):
+    """from_pretrained patches process-wide state (torch init functions, tie_weights) while it
+    builds a model; loads on concurrent worker threads left D-FINE's parameters on the meta
+    device. The engine serialises loads, so every tier starts and answers."""
+    from cascade.config import parse_cascade_config
+    from cascade.engine import CascadeEngine
+
+    names = ("rtdetr", "dfine", "classifier", "clip", "siglip", "vlm")
+    options = {"rtdetr": ANY_BOX, "dfine": ANY_BOX, "siglip": {"templates": ["a photo of {}."]},
+               "vlm": {"max_image_side": 64}}
+    backends = {"rtdetr": "hf_detector", "dfine": "hf_detector", "classifier": "hf_classifier",
+                "clip": "zero_shot", "siglip": "zero_shot", "vlm": "vlm_transformers"}
+    data = {"engine": {"deadline_ms": 30000}, "router": {"margin": 0.5, "min_tiers": len(names)},
+            "tiers": [{"name": f"{n}.tiny", "backend": backends[n], "checkpoint": tiny[n],
+                       "options": options.get(n, {}), "max_batch_size": 2} for n in names],
+            "devices": {"cpu": {"memory_gib": 8}}}
+    engine = CascadeEngine(parse_cascade_config(data, source="t.yaml", base_dir=str(tmp_path)),
+                           registry.build_tier)
+    await engine.start()
+    try:
+        res = await engine.predict(images(1)[0], deadline_s=30.0)
+        assert not res.failed and len(res.tier_probs) == len(names)
+    finally:
+        await engine.stop()
