@@ -9,7 +9,8 @@ HERE = Path(__file__).parent
 
 def _requirements() -> list[str]:
     lines = (HERE / "requirements.txt").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    reqs = (ln.split("#", 1)[0].strip() for ln in lines)  # whole-line and trailing comments
+    return [r for r in reqs if r]
 
 
 setup(
@@ -26,8 +27,9 @@ setup(
         "test": ["pytest>=8", "pytest-asyncio>=0.23", "pytest-timeout>=2.3"],
         # btcli, which `natix-miner register` runs for the on-chain registration.
         "btcli": ["bittensor-cli>=9"],
-        # GPU-only backends; never needed by the core or the tests.
-        "gpu": ["ultralytics>=8.3", "vllm>=0.8"],
+        # GPU-only backends; never needed by the core or the tests. Install them through
+        # constraints-gpu.txt (one vLLM release and the torch it was built against).
+        "gpu": ["ultralytics>=8.3", "vllm>=0.10"],
     },
     entry_points={"console_scripts": ["natix-miner=natix_miner.cli:main"]},
 )

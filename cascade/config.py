@@ -150,7 +150,9 @@ class TierSpec:
     reserve_mib: float = 0.0
     # Prior consensus weight (fitted weights from calibration replace it).
     weight: float = 1.0
-    # Expected latency of one batch in ms, used by the router before measurements exist.
+    # Expected model time of one batch in ms: the router's estimate until the tier has run (then
+    # the median of its last measured batches, queue time excluded), and the budget a latency
+    # probe needs after the tier was skipped for its measured time.
     expected_latency_ms: float = 100.0
     # Per-call timeout in ms; a slower call is dropped from the answer and counted as a failure.
     timeout_ms: Optional[float] = None
@@ -354,7 +356,8 @@ class EngineConfig:
     fallback_probability: float = 0.5
     # Path of the calibration file written by `natix-miner calibrate` (relative to the config).
     calibration: Optional[str] = None
-    # Worker threads per device.
+    # Obsolete (ignored, with a warning): every tier has its own worker thread, so one slow or
+    # hung tier never delays another on the same device.
     threads_per_device: int = 1
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -1,15 +1,24 @@
 """The async cascade engine: tiers resident, model work off the event loop, an answer by the deadline.
 
-Layering follows vLLM's: the engine schedules (router, deadline, fusion); a per-device worker (a
-thread pool of `threads_per_device` threads) runs `tier.predict`; a per-tier micro-batcher
-collects concurrent requests up to `max_batch_size` (waiting at most `max_wait_ms` for more) and
-keeps one batch in flight per tier, so under load the requests that arrive while the tier is busy
-become the next batch. Each request waits for a tier's result for at most its remaining budget
-(and the tier's `timeout_ms`); a result that arrives later is discarded, and the answer is fused
-from the tiers that finished. A tier that raises, returns garbage or times out is dropped from that
-answer and counted; after `failures_to_open` consecutive failures its circuit breaker opens and
-one probe request is let through after `cooldown_s`. Whatever the tiers do, the answer is a finite
-probability in [0, 1] (the configured fallback when no tier answered).
+Layering follows vLLM's: the engine schedules (router, deadline, load shedding, fusion); each tier
+has its own worker (`cascade.worker.TierWorker`: its own thread and queue, never shared with
+another tier, so one slow or hung tier cannot delay another on the same device) behind a per-tier
+micro-batcher (`cascade.runner.TierRunner`) that keeps one batch in flight.
+
+For each request the tiers are asked cheapest first. Before a tier is asked, its expected model
+time (median of recent batches, queue time excluded) and the time its queue would take are
+weighed against the request's remaining budget: a tier whose model time does not fit is skipped
+("budget"; after `LATENCY_PROBE_EVERY` such skips one request is let through to re-measure it, so
+one stall never takes a tier out for good), a tier whose queue cannot serve the request in time
+is skipped ("queue": load shedding, the request moves on at once instead of waiting to miss its
+deadline). Each request waits for a tier's result for at most its remaining budget (and the
+tier's `timeout_ms`); a result that arrives later is discarded, and the answer is fused from the
+tiers that finished. A tier that raises, returns something that is not a finite probability, or
+is still running when the request's time runs out is dropped from that answer and counts against
+its breaker; after `failures_to_open` consecutive failures the breaker opens and one probe request
+is let through after `cooldown_s`. A request that never started on a tier (shed, or still queued
+at its deadline) is load, not a failure of that tier. Whatever the tiers do, the answer is a
+finite probability in [0, 1] (the configured fallback when no tier answered).
 """
 
 import asyncio
@@ -30,20 +39,24 @@ from cascade.consensus import weighted_geometric_mean
 from cascade.errors import ConfigError, MissingArtifactError
 from cascade.placement import Placement, PlacementError, plan_placement
 from cascade.router import Router
+from cascade.runner import (CircuitBreaker, InvalidTierOutput, Pending, QueueShed, TierRunner,
+                            failure_kind, validate_outputs)
 from cascade.store import UncertainStore, uncertainty_reason
-from cascade.telemetry import BREAKER_STATES, Telemetry
-from cascade.tier import Tier, TierOutput
+from cascade.telemetry import Telemetry
+from cascade.tier import MemoryNeeds, Tier, TierOutput
+from cascade.worker import TierWorker
 
-LATENCY_EMA_ALPHA = 0.2
+__all__ = ["CascadeEngine", "CascadeResult", "CircuitBreaker", "InvalidTierOutput", "TierStartError"]
+
 STOP_TIMEOUT_S = 10.0
+# A tier skipped this many requests in a row because its model-time estimate did not fit is
+# asked once anyway (when its queue is idle and its configured expected_latency_ms fits), so a
+# transient stall is re-measured instead of keeping the tier out for good.
+LATENCY_PROBE_EVERY = 8
 
 
 class TierStartError(RuntimeError):
     """A tier failed to build, load or warm up; the engine does not start without it."""
-
-
-class InvalidTierOutput(ValueError):
-    """A tier returned something that is not a probability in [0, 1]."""
 
 
 @dataclass
@@ -63,222 +76,23 @@ class CascadeResult:
     failed: list[str] = field(default_factory=list)  # tiers asked that raised / timed out / returned garbage
     fused: Optional[float] = None  # fused calibrated probability before the threshold map
     deadline_hit: bool = False  # the deadline cut a tier still running
-    skipped: dict[str, str] = field(default_factory=dict)  # tier -> why it was not asked (breaker, budget)
+    # tier -> why it did not run for this request: breaker, budget (its model time does not
+    # fit), queue (its queue could not serve the request in time: shed), no_time
+    skipped: dict[str, str] = field(default_factory=dict)
+    shed: bool = False  # load shedding dropped a tier from this answer (a "queue" skip)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (logs, eval reports)."""
         return dataclasses.asdict(self)
 
 
-class CircuitBreaker:
-    """closed -> (n consecutive failures) -> open -> (cooldown) -> half_open: one probe -> closed/open."""
+@dataclass(frozen=True)
+class _Asked:
+    """What asking one tier gave: its answer, a failure kind, or a shed (it never ran)."""
 
-    def __init__(self, failures_to_open: int, cooldown_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.failures_to_open = max(1, failures_to_open)
-        self.cooldown_s = cooldown_s
-        self.clock = clock
-        self.state = "closed"
-        self.consecutive_failures = 0
-        self.opened_at = 0.0
-        self.probe_in_flight = False
-
-    def allow(self) -> bool:
-        """Whether a request may use the tier now (in half-open state: exactly one probe)."""
-        if self.state == "closed":
-            return True
-        if self.state == "open" and self.clock() - self.opened_at >= self.cooldown_s:
-            self.state = "half_open"
-            self.probe_in_flight = False
-        if self.state == "half_open" and not self.probe_in_flight:
-            self.probe_in_flight = True
-            return True
-        return False
-
-    def record_success(self) -> None:
-        if self.state != "closed":
-            logger.info("circuit breaker closed again after a successful probe")
-        self.state = "closed"
-        self.consecutive_failures = 0
-        self.probe_in_flight = False
-
-    def abandon_probe(self) -> None:
-        """The half-open probe's requester went away (cancelled) before a verdict: without this
-        the breaker would wait forever for a probe that never reports, keeping the tier out."""
-        if self.state == "half_open":
-            self.probe_in_flight = False
-
-    def record_failure(self) -> None:
-        self.consecutive_failures += 1
-        self.probe_in_flight = False
-        if self.state == "half_open" or self.consecutive_failures >= self.failures_to_open:
-            self.state = "open"
-            self.opened_at = self.clock()
-
-
-@dataclass
-class _Pending:
-    image: Image.Image
-    future: "asyncio.Future[Any]"
-    submitted: float
-
-
-def _check_outputs(tier: Tier, images: Sequence[Image.Image]) -> list["TierOutput | Exception"]:
-    """Run `tier.predict` (on a worker thread) and turn anything that is not a probability into an error."""
-    outs = tier.predict(list(images))
-    if not isinstance(outs, (list, tuple)) or len(outs) != len(images):
-        got = len(outs) if isinstance(outs, (list, tuple)) else type(outs).__name__
-        raise InvalidTierOutput(f"tier {tier.name} returned {got} outputs for {len(images)} images")
-    checked: list["TierOutput | Exception"] = []
-    for out in outs:
-        if isinstance(out, Exception):
-            checked.append(out)
-            continue
-        prob = getattr(out, "prob", None)
-        try:
-            ok = prob is not None and not isinstance(prob, bool) and math.isfinite(float(prob)) \
-                and 0.0 <= float(prob) <= 1.0
-        except (TypeError, ValueError):
-            ok = False
-        checked.append(out if ok else InvalidTierOutput(f"tier {tier.name} returned prob={prob!r}"))
-    return checked
-
-
-class TierRunner:
-    """One tier's micro-batcher, breaker and counters."""
-
-    def __init__(self, spec: TierSpec, tier: Tier, device: str, executor: ThreadPoolExecutor,
-                 breaker: CircuitBreaker, telemetry: Telemetry) -> None:
-        self.spec = spec
-        self.tier = tier
-        self.device = device
-        self.executor = executor
-        self.breaker = breaker
-        self.telemetry = telemetry
-        self.calls = 0
-        self.failures = 0
-        self.failures_by_kind: dict[str, int] = {}
-        self.batches = 0
-        self.latency_ema_ms: Optional[float] = None
-        self.timeout_s = None if spec.timeout_ms is None else spec.timeout_ms / 1000.0
-        self._queue: "asyncio.Queue[_Pending]" = asyncio.Queue()
-        self._task: Optional[asyncio.Task] = None
-        self._set_gauge()
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def expected_latency_ms(self) -> float:
-        return self.spec.expected_latency_ms if self.latency_ema_ms is None else self.latency_ema_ms
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
-
-    def submit(self, image: Image.Image) -> "asyncio.Future[Any]":
-        loop = asyncio.get_running_loop()
-        fut: "asyncio.Future[Any]" = loop.create_future()
-        self._queue.put_nowait(_Pending(image, fut, time.monotonic()))
-        self.calls += 1
-        self.telemetry.tier_calls.labels(self.name).inc()
-        return fut
-
-    def allow(self) -> bool:
-        allowed = self.breaker.allow()
-        self._set_gauge()
-        return allowed
-
-    def record_success(self) -> None:
-        self.breaker.record_success()
-        self._set_gauge()
-
-    def record_failure(self, kind: str) -> None:
-        was = self.breaker.state
-        self.breaker.record_failure()
-        self.failures += 1
-        self.failures_by_kind[kind] = self.failures_by_kind.get(kind, 0) + 1
-        self.telemetry.tier_failures.labels(self.name, kind).inc()
-        if self.breaker.state == "open" and was != "open":
-            logger.warning("tier {} taken out of rotation after {} consecutive failures (last: {}); "
-                           "probe in {:.0f} s", self.name, self.breaker.consecutive_failures, kind,
-                           self.breaker.cooldown_s)
-        self._set_gauge()
-
-    def _set_gauge(self) -> None:
-        self.telemetry.breaker_state.labels(self.name).set(BREAKER_STATES[self.breaker.state])
-
-    async def _collect(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        max_batch = self.spec.max_batch_size
-        if self.spec.max_wait_ms > 0:
-            loop = asyncio.get_running_loop()
-            until = loop.time() + self.spec.max_wait_ms / 1000.0
-            while len(batch) < max_batch:
-                left = until - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-        while len(batch) < max_batch and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            live = [p for p in batch if not p.future.done()]  # requests that gave up are not run
-            if not live:
-                continue
-            self.batches += 1
-            self.telemetry.tier_batch_size.labels(self.name).observe(len(live))
-            try:
-                outs: list[Any] = await loop.run_in_executor(
-                    self.executor, _check_outputs, self.tier, [p.image for p in live])
-            except asyncio.CancelledError:
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_result(RuntimeError("engine stopped"))
-                raise
-            except Exception as exc:  # the whole batch failed: every item carries the error
-                outs = [exc] * len(live)
-            now = time.monotonic()
-            lat = [(now - p.submitted) * 1000.0 for p in live]
-            for p, out, ms in zip(live, outs, lat):
-                self.telemetry.tier_latency.labels(self.name).observe(ms / 1000.0)
-                if not p.future.done():
-                    p.future.set_result(out)
-            mean_ms = sum(lat) / len(lat)
-            self.latency_ema_ms = mean_ms if self.latency_ema_ms is None else \
-                (1 - LATENCY_EMA_ALPHA) * self.latency_ema_ms + LATENCY_EMA_ALPHA * mean_ms
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
-        while not self._queue.empty():
-            p = self._queue.get_nowait()
-            if not p.future.done():
-                p.future.set_result(RuntimeError("engine stopped"))
-
-    def health(self) -> dict[str, Any]:
-        try:
-            described = self.tier.describe()
-        except Exception as exc:  # health must answer even when a backend's describe breaks
-            described = {"error": repr(exc)}
-        return {"loaded": True, "device": self.device, "breaker": self.breaker.state,
-                "consecutive_failures": self.breaker.consecutive_failures,
-                "failures": self.failures, "failures_by_kind": dict(self.failures_by_kind),
-                "calls": self.calls, "batches": self.batches, "queued": self._queue.qsize(),
-                "latency_ema_ms": None if self.latency_ema_ms is None else round(self.latency_ema_ms, 2),
-                "expected_latency_ms": round(self.expected_latency_ms, 2), "describe": described}
+    out: Optional[TierOutput] = None
+    failure: Optional[str] = None
+    shed: bool = False
 
 
 class CascadeEngine:
@@ -299,7 +113,7 @@ class CascadeEngine:
         self.router = Router(config.router)
         self.store: Optional[UncertainStore] = None
         self._runners: list[TierRunner] = []
-        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._workers: dict[str, TierWorker] = {}
         self._aux: Optional[ThreadPoolExecutor] = None
         self._ready = False
         self._started = False
@@ -336,59 +150,60 @@ class CascadeEngine:
                              threshold=calibration.decision_threshold(self.config.router.threshold))
         return calibration
 
+    async def _on_worker(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self._workers[name].submit(fn, *args))
+
     async def start(self) -> None:
-        """Plan placement, build, load and warm up every enabled tier; ready only when all did."""
+        """Build every enabled tier, plan placement, load and warm up; ready only when all did.
+
+        Each tier is built, loaded and warmed up on its own worker thread. Tiers that declare
+        `load_alone` (vLLM) load first, one at a time, before any other tier starts loading.
+        The other loads run one at a time too (their warm-ups overlap): transformers'
+        `from_pretrained` patches process-wide state while it builds a model (torch init
+        functions, `PreTrainedModel.tie_weights`), so two loads on two threads can leave a model's
+        parameters on the meta device (seen with D-FINE by scripts/gpu_check.sh)."""
         if self._started:
             return
-        loop = asyncio.get_running_loop()
         specs = self.config.active_tiers
         if not specs:
             raise ConfigError(self.config.source, "tiers", "at least one tier with enabled: true")
+        if self.config.engine.threads_per_device != 1:
+            logger.warning("engine.threads_per_device is obsolete and ignored: every tier has its "
+                           "own worker thread")
         self.load_calibration(self.calibration if self._calibration_given else None)
-        if self.placement is None:
-            self.placement = plan_placement(specs, self.config.devices)
-        if not self.placement.fits:
-            raise PlacementError(self.placement)
-        threads = self.config.engine.threads_per_device
-        for spec in specs:
-            device = self.placement.assignments[spec.name]
-            if device not in self._executors:
-                self._executors[device] = ThreadPoolExecutor(
-                    max_workers=threads, thread_name_prefix=f"cascade-{device.replace(':', '')}")
+        self._workers = {s.name: TierWorker(s.name) for s in specs}
+        self._load_lock = asyncio.Lock()
         self._aux = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cascade-aux")
         built: dict[str, Tier] = {}
-
-        async def bring_up(spec: TierSpec) -> Tier:
-            device = self.placement.assignments[spec.name]
-            ex = self._executors[device]
-            t0 = time.monotonic()
-            tier = await loop.run_in_executor(ex, self.tier_factory, spec)
-            built[spec.name] = tier
-            tier.device = device
-            await loop.run_in_executor(ex, tier.load, device)
-            await loop.run_in_executor(ex, tier.warmup)
-            logger.info("tier {} loaded and warmed up on {} in {:.1f} s", spec.name, device,
-                        time.monotonic() - t0)
-            return tier
-
-        results = await asyncio.gather(*(bring_up(s) for s in specs), return_exceptions=True)
-        errors = [(s, r) for s, r in zip(specs, results) if isinstance(r, BaseException)]
-        if errors:
+        try:
+            await self._build(specs, built)
+            if self.placement is None:
+                self.placement = plan_placement(specs, self.config.devices,
+                                                needs=await self._memory_needs(specs, built))
+            if not self.placement.fits:
+                raise PlacementError(self.placement)
+            first = [s for s in specs if built[s.name].load_alone]
+            for spec in first:
+                await self._bring_up(spec, built[spec.name])
+            rest = [s for s in specs if not built[s.name].load_alone]
+            results = await asyncio.gather(*(self._bring_up(s, built[s.name]) for s in rest),
+                                           return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            for extra in errors[1:]:
+                logger.error("{}", extra)
+            if errors:
+                raise errors[0]
+        except BaseException:
             await self._close_tiers(built)
-            self._shutdown_executors()
-            spec, exc = errors[0]
-            for other, e in errors[1:]:
-                logger.error("tier {} also failed to start: {!r}", other.name, e)
-            if isinstance(exc, (MissingArtifactError, ConfigError)):
-                raise exc
-            raise TierStartError(f"tier {spec.name} ({spec.backend}) failed to start on "
-                                 f"{self.placement.assignments[spec.name]}: {exc!r}") from exc
+            self._shutdown_workers()
+            raise
         breaker_cfg = self.config.engine.breaker
-        for spec, tier in zip(specs, results):
+        for spec in specs:
             device = self.placement.assignments[spec.name]
-            runner = TierRunner(spec, tier, device, self._executors[device],
+            hung_after = (spec.timeout_ms or self.config.engine.deadline_ms) / 1000.0
+            runner = TierRunner(spec, built[spec.name], device, self._workers[spec.name],
                                 CircuitBreaker(breaker_cfg.failures_to_open, breaker_cfg.cooldown_s),
-                                self.telemetry)
+                                self.telemetry, hung_after_s=hung_after)
             runner.start()
             self._runners.append(runner)
         store_cfg = self.config.engine.store
@@ -401,22 +216,75 @@ class CascadeEngine:
         self.telemetry.ready.set(1)
         logger.info("cascade ready: {}", " -> ".join(f"{r.name}@{r.device}" for r in self._runners))
 
+    async def _build(self, specs: Sequence[TierSpec], built: dict[str, Tier]) -> None:
+        """Construct every tier (options validated) on its own worker; errors name the tier."""
+        async def build(spec: TierSpec) -> None:
+            try:
+                built[spec.name] = await self._on_worker(spec.name, self.tier_factory, spec)
+            except (MissingArtifactError, ConfigError):
+                raise
+            except Exception as exc:
+                raise TierStartError(f"tier {spec.name} ({spec.backend}) could not be built: {exc!r}") from exc
+
+        results = await asyncio.gather(*(build(s) for s in specs), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _memory_needs(self, specs: Sequence[TierSpec], built: dict[str, Tier]) -> dict[str, MemoryNeeds]:
+        """Each backend's own memory figures (exact parameter counts, vLLM's device fraction);
+        a backend whose count fails is planned from its YAML figures."""
+        needs: dict[str, MemoryNeeds] = {}
+        for spec in specs:  # one at a time: counting builds models on the meta device
+            try:
+                needs[spec.name] = await self._on_worker(spec.name, built[spec.name].memory_needs)
+            except Exception as exc:  # noqa: BLE001 - a count is a refinement, never a blocker
+                logger.warning("tier {}: memory count failed ({!r}); planning from params_m",
+                               spec.name, exc)
+        return needs
+
+    async def _bring_up(self, spec: TierSpec, tier: Tier) -> Tier:
+        """Bind, load and warm up one tier on its worker; the warm-up outputs must be finite
+        probabilities in [0, 1] (a NaN head never starts "ready")."""
+        device = self.placement.assignments[spec.name]
+        t0 = time.monotonic()
+        try:
+            tier.device = device
+            async with self._load_lock:  # one load at a time: see start()
+                await self._on_worker(spec.name, tier.bind_worker, device)
+                await self._on_worker(spec.name, tier.load, device)
+            outs = await self._on_worker(spec.name, tier.warmup)
+            if outs is None:
+                warm = Image.new("RGB", (640, 480), (90, 90, 90))
+                outs = await self._on_worker(spec.name, tier.predict, [warm])
+            bad = [o for o in validate_outputs(tier, outs, None) if isinstance(o, Exception)]
+            if bad:
+                raise TierStartError(f"tier {spec.name} ({spec.backend}) failed its warm-up on {device}: "
+                                     f"{bad[0]} (a tier must answer finite probabilities in [0, 1])")
+        except (MissingArtifactError, ConfigError, TierStartError):
+            raise
+        except Exception as exc:
+            raise TierStartError(f"tier {spec.name} ({spec.backend}) failed to start on {device}: "
+                                 f"{exc!r}") from exc
+        logger.info("tier {} loaded and warmed up on {} in {:.1f} s", spec.name, device, time.monotonic() - t0)
+        return tier
+
     async def stop(self) -> None:
-        """Stop the batchers, close the tiers on their workers, release threads and the store."""
+        """Stop the batchers, close the tiers, release the worker threads and the store."""
         self._ready = False
         self.telemetry.ready.set(0)
         for r in self._runners:
             await r.stop()
         await self._close_tiers({r.name: r.tier for r in self._runners})
         self._runners = []
-        self._shutdown_executors()
+        self._shutdown_workers()
         if self.store is not None:
             store, self.store = self.store, None
             await asyncio.get_running_loop().run_in_executor(None, store.close)
         self._started = False
 
     async def _close_tiers(self, tiers: dict[str, Tier]) -> None:
-        """Close every tier on a fresh thread: its device worker may still be stuck in a call the
+        """Close every tier on a fresh thread: its worker may still be stuck in a call the
         deadline abandoned, and shutdown must not wait behind it (bounded by STOP_TIMEOUT_S)."""
         loop = asyncio.get_running_loop()
         for name, tier in tiers.items():
@@ -425,10 +293,10 @@ class CascadeEngine:
             except Exception as exc:
                 logger.warning("tier {} did not close cleanly: {!r}", name, exc)
 
-    def _shutdown_executors(self) -> None:
-        for ex in self._executors.values():
-            ex.shutdown(wait=False, cancel_futures=True)
-        self._executors = {}
+    def _shutdown_workers(self) -> None:
+        for worker in self._workers.values():
+            worker.shutdown(wait=False)
+        self._workers = {}
         if self._aux is not None:
             self._aux.shutdown(wait=False, cancel_futures=True)
             self._aux = None
@@ -476,46 +344,33 @@ class CascadeEngine:
         decision = POOLED
 
         for runner in self._runners:
-            remaining = deadline - time.monotonic()
-            if deadline_hit or remaining <= 0:
+            remaining_ms = (deadline - time.monotonic()) * 1000.0
+            if deadline_hit or remaining_ms <= 0:
                 skipped[runner.name] = "no_time"
                 continue
-            if cal and not self.router.fits(runner.expected_latency_ms, remaining * 1000.0):
-                skipped[runner.name] = "budget"
-                self.telemetry.tier_skipped.labels(runner.name, "budget").inc()
+            reason, latency_probe = self._admission(runner, remaining_ms)
+            if reason is None and not runner.allow():
+                reason = "breaker"
+            if reason is not None:
+                skipped[runner.name] = reason
+                if reason == "queue":
+                    runner.record_shed()
+                else:
+                    self.telemetry.tier_skipped.labels(runner.name, reason).inc()
                 continue
-            if not runner.allow():
-                skipped[runner.name] = "breaker"
-                self.telemetry.tier_skipped.labels(runner.name, "breaker").inc()
-                continue
-            is_probe = runner.breaker.state == "half_open"
             asked.append(runner.name)
-            fut = runner.submit(image)
-            limit = remaining if runner.timeout_s is None else min(remaining, runner.timeout_s)
-            try:
-                done, _ = await asyncio.wait({fut}, timeout=limit)
-            except asyncio.CancelledError:  # the caller gave up (e.g. the shell's wait_for)
-                fut.cancel()  # the batcher skips it if still queued
-                if is_probe:
-                    runner.breaker.abandon_probe()
-                raise
-            if not done:
-                fut.cancel()  # the batcher skips it if still queued; a late result is discarded
-                by_deadline = runner.timeout_s is None or runner.timeout_s >= remaining
-                runner.record_failure("deadline" if by_deadline else "timeout")
-                failed.append(runner.name)
-                deadline_hit = deadline_hit or by_deadline
+            got = await self._ask(runner, image, deadline, latency_probe)
+            if got.shed:
+                asked.remove(runner.name)
+                skipped[runner.name] = "queue"
                 continue
-            out = fut.result()
-            if isinstance(out, BaseException):
-                runner.record_failure("invalid" if isinstance(out, InvalidTierOutput) else "error")
+            if got.out is None:
                 failed.append(runner.name)
-                logger.debug("tier {} failed on a request: {!r}", runner.name, out)
+                deadline_hit = deadline_hit or got.failure == "deadline"
                 continue
-            runner.record_success()
-            raw[runner.name] = float(out.prob)
-            cal[runner.name] = self.calibration.calibrate(runner.name, float(out.prob))
-            evidence[runner.name] = dict(out.evidence or {})
+            raw[runner.name] = float(got.out.prob)
+            cal[runner.name] = self.calibration.calibrate(runner.name, float(got.out.prob))
+            evidence[runner.name] = dict(got.out.evidence or {})
             stopped_after = runner.name
             if conditions is None:  # computed alongside the first tier: ready by now
                 conditions = await self._await_conditions(cond_fut, deadline)
@@ -538,15 +393,72 @@ class CascadeEngine:
             prob, fallback = self.config.engine.fallback_probability, True
         prob = min(1.0, max(0.0, float(prob)))
         latency_ms = (time.monotonic() - t0) * 1000.0
-        self._count(asked, fallback, deadline_hit, latency_ms, budget)
+        shed = "queue" in skipped.values()
+        self._count(asked, fallback, deadline_hit, shed, latency_ms, budget)
         result = CascadeResult(prob=prob, tier_probs=cal, raw_probs=raw, stopped_after=stopped_after,
                                escalated=len(asked) > 1, fallback=fallback, latency_ms=latency_ms,
                                conditions=conditions, decision=decision, evidence=evidence, failed=failed,
                                fused=None if fallback else fused, deadline_hit=deadline_hit,
-                               skipped=skipped)
+                               skipped=skipped, shed=shed)
         if self.store is not None and not fallback:
             self._maybe_store(image, result)
         return result
+
+    def _admission(self, runner: TierRunner, remaining_ms: float) -> tuple[Optional[str], bool]:
+        """(why the tier is skipped or None, whether it is asked as a latency probe).
+
+        "budget": its expected model time alone does not fit (every `LATENCY_PROBE_EVERY`-th
+        such request asks it anyway when it is idle, to re-measure it); "queue": the queue ahead
+        would make the request miss its deadline (shed now, not late)."""
+        queue_ms, model_ms = runner.expected_wait_ms()
+        if not self.router.fits(model_ms, remaining_ms):
+            if runner.budget_skips >= LATENCY_PROBE_EVERY and runner.idle \
+                    and self.router.fits(runner.spec.expected_latency_ms, remaining_ms):
+                return None, True
+            runner.budget_skips += 1
+            return "budget", False
+        if not self.router.fits(queue_ms + model_ms, remaining_ms):
+            return "queue", False
+        return None, False
+
+    async def _ask(self, runner: TierRunner, image: Image.Image, deadline: float,
+                   latency_probe: bool) -> "_Asked":
+        """Queue the image on the tier and wait for its answer until the request's deadline
+        (or the tier's timeout); judge what came back and tell the breaker."""
+        is_probe = runner.breaker.state == "half_open"
+        remaining = deadline - time.monotonic()
+        limit = remaining if runner.timeout_s is None else min(remaining, runner.timeout_s)
+        pending: Pending = runner.submit(image, deadline, latency_probe=latency_probe)
+        try:
+            done, _ = await asyncio.wait({pending.future}, timeout=max(0.0, limit))
+        except asyncio.CancelledError:  # the caller gave up (e.g. the shell's wait_for)
+            pending.future.cancel()  # the batcher skips it if still queued
+            if is_probe:
+                runner.breaker.abandon_probe()
+            raise
+        if not done:
+            pending.future.cancel()  # the batcher skips it if still queued; a late result is discarded
+            if pending.started is None:  # it never ran: load, not a failure of the tier
+                if is_probe:
+                    runner.breaker.abandon_probe()
+                runner.record_shed()
+                return _Asked(shed=True)
+            kind = "deadline" if runner.timeout_s is None or runner.timeout_s >= remaining else "timeout"
+            runner.record_failure(kind)
+            return _Asked(failure=kind)
+        out = pending.future.result()
+        if isinstance(out, QueueShed):
+            if is_probe:
+                runner.breaker.abandon_probe()
+            runner.record_shed()
+            return _Asked(shed=True)
+        if isinstance(out, BaseException):
+            kind = failure_kind(out)
+            runner.record_failure(kind)
+            logger.debug("tier {} failed on a request: {!r}", runner.name, out)
+            return _Asked(failure=kind)
+        runner.record_success()
+        return _Asked(out=out)
 
     async def _await_conditions(self, fut: "asyncio.Future[dict]", deadline: float) -> dict[str, Any]:
         left = deadline - time.monotonic()
@@ -559,8 +471,8 @@ class CascadeEngine:
                 logger.debug("condition estimate failed: {!r}", exc)
             return {}
 
-    def _count(self, asked: list[str], fallback: bool, deadline_hit: bool, latency_ms: float,
-               budget_s: float) -> None:
+    def _count(self, asked: list[str], fallback: bool, deadline_hit: bool, shed: bool,
+               latency_ms: float, budget_s: float) -> None:
         t = self.telemetry
         self._answers += 1
         t.answers.labels("fallback" if fallback else "fused").inc()
@@ -569,6 +481,8 @@ class CascadeEngine:
             t.escalations.inc()
         if deadline_hit:
             t.deadline_misses.inc()
+        if shed:
+            t.shed.inc()
         if latency_ms > budget_s * 1000.0 + 1.0:
             t.late_answers.inc()
 
@@ -599,7 +513,7 @@ class CascadeEngine:
         if not self._ready:
             raise RuntimeError("CascadeEngine.tier_outputs called before start() finished")
         limit = self.config.engine.deadline_ms / 1000.0 if timeout_s is None else timeout_s
-        futs = {r.name: r.submit(image) for r in self._runners}
+        futs = {r.name: r.submit(image).future for r in self._runners}  # no deadline: never shed
         done, _ = await asyncio.wait(set(futs.values()), timeout=limit)
         out: dict[str, "TierOutput | Exception"] = {}
         for name, fut in futs.items():
@@ -615,8 +529,9 @@ class CascadeEngine:
         tiers: dict[str, Any] = {r.name: r.health() for r in self._runners}
         for spec in self.config.active_tiers:
             tiers.setdefault(spec.name, {"loaded": False, "device": spec.device, "breaker": "closed",
-                                         "failures": 0, "calls": 0, "latency_ema_ms": None})
+                                         "failures": 0, "calls": 0, "model_ms": None, "hung": False})
         return {"ready": self._ready, "answers": self._answers,
+                "hung_tiers": [n for n, t in tiers.items() if t.get("hung")],
                 "calibration": self.calibration.source or ("identity" if self.calibration.is_identity
                                                            else "in-memory"),
                 "threshold": self.router.threshold,

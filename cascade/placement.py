@@ -1,11 +1,15 @@
 """GPU memory planning: which tier goes on which device, and whether the config fits at all.
 
-Honest estimates only: a tier needs its parameters x bytes per dtype (`params_m`, `dtype`) plus
-the activation / KV-cache reserve it declares for its `max_batch_size` (`reserve_mib`); each CUDA
-device loses its context overhead (0.5 GiB unless the device says otherwise) before any model
-loads. Tiers pinned to a device ("cuda:0", "cpu") go there; tiers on plain "cuda" are placed
-first-fit-decreasing over the cuda devices. A plan that does not fit names the offending tiers.
-The engine loads each tier on the device this plan picks.
+Honest estimates only. A tier books its weights plus the activation reserve it declares for its
+`max_batch_size` (`reserve_mib`). The weights are counted exactly where the backend can (its
+`Tier.memory_needs()`: the checkpoint's config on disk, built on the meta device with accelerate),
+else taken from the YAML's `params_m` x bytes per dtype; the plan says which figure came from
+where and warns when a declared `params_m` is more than 10% off the count. A runtime that takes a
+fraction of the whole device whatever its weights (vLLM's `gpu_memory_utilization`) books exactly
+that fraction of the card. Each CUDA device loses its context overhead (0.5 GiB unless the device
+says otherwise) before any model loads. Tiers pinned to a device ("cuda:0", "cpu") go there;
+tiers on plain "cuda" are placed first-fit-decreasing over the cuda devices. A plan that does not
+fit names the offending tiers. The engine loads each tier on the device this plan picks.
 """
 
 import re
@@ -13,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from cascade.config import DTYPE_BYTES, DeviceSpec, TierSpec
+from cascade.tier import MemoryNeeds
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 DEFAULT_CUDA_OVERHEAD_GIB = 0.5
+PARAMS_TOLERANCE = 0.10  # a declared params_m further than this from the count gets a warning
 
 
 class PlacementError(RuntimeError):
@@ -35,9 +41,21 @@ class TierEstimate:
     params_m: float
     weights_gib: float
     reserve_gib: float
+    # where params_m / weights_gib came from: "declared params_m" (the YAML) or the backend's count
+    source: str = "declared params_m"
+    # the runtime books this fraction of its whole device (vLLM); None: weights + reserve
+    device_fraction: Optional[float] = None
+    declared_params_m: Optional[float] = None  # the YAML's params_m when `source` is a count
+
+    def booked_gib(self, capacity_gib: Optional[float]) -> float:
+        """What the tier takes on a device of `capacity_gib` (the fraction of it for vLLM)."""
+        if self.device_fraction is not None and capacity_gib is not None:
+            return self.device_fraction * capacity_gib
+        return self.weights_gib + self.reserve_gib
 
     @property
     def total_gib(self) -> float:
+        """Weights + reserve (what a fraction-booked tier takes is `booked_gib(capacity)`)."""
         return self.weights_gib + self.reserve_gib
 
 
@@ -48,9 +66,16 @@ class DeviceLoad:
     overhead_gib: float
     tiers: list[TierEstimate] = field(default_factory=list)
 
+    def booked_gib(self, tier: "TierEstimate") -> float:
+        return tier.booked_gib(self.capacity_gib)
+
     @property
     def used_gib(self) -> float:
-        return self.overhead_gib + sum(t.total_gib for t in self.tiers)
+        return self.overhead_gib + sum(self.booked_gib(t) for t in self.tiers)
+
+    @property
+    def largest(self) -> Optional["TierEstimate"]:
+        return max(self.tiers, key=self.booked_gib, default=None)
 
     @property
     def free_gib(self) -> float:
@@ -77,11 +102,33 @@ class Placement:
         return self.assignments[tier]
 
 
-def estimate_tier(spec: TierSpec) -> TierEstimate:
-    """Parameters x bytes per dtype + the declared reserve for the tier's max batch."""
-    weights = spec.params_m * 1e6 * DTYPE_BYTES[spec.dtype] / GIB
-    return TierEstimate(spec.name, spec.device, spec.dtype, spec.params_m, weights,
-                        spec.reserve_mib * MIB / GIB)
+def estimate_tier(spec: TierSpec, needs: Optional[MemoryNeeds] = None) -> TierEstimate:
+    """Weights (counted by the backend where it can, else params_m x bytes per dtype) + the
+    declared reserve for the tier's max batch; a fraction-booked runtime (vLLM) keeps its fraction."""
+    needs = needs or MemoryNeeds()
+    params_m = spec.params_m if needs.params is None else needs.params / 1e6
+    if needs.weights_bytes is not None:
+        weights = needs.weights_bytes / GIB
+    else:
+        weights = params_m * 1e6 * DTYPE_BYTES[spec.dtype] / GIB
+    counted = needs.params is not None or needs.weights_bytes is not None
+    reserve = 0.0 if needs.device_fraction is not None else spec.reserve_mib * MIB / GIB
+    return TierEstimate(spec.name, spec.device, spec.dtype, params_m, weights, reserve,
+                        source=(needs.source or "counted") if counted else "declared params_m",
+                        device_fraction=needs.device_fraction,
+                        declared_params_m=spec.params_m if counted else None)
+
+
+def _params_note(spec: TierSpec, est: TierEstimate) -> Optional[str]:
+    if est.declared_params_m is None:
+        return None
+    if spec.params_m <= 0:
+        return f"tier {spec.name}: params_m is not declared; counted {est.params_m:.1f}M ({est.source})"
+    off = abs(spec.params_m - est.params_m) / max(est.params_m, 1e-9)
+    if off > PARAMS_TOLERANCE:
+        return (f"warning: tier {spec.name}: params_m {spec.params_m:g} is {100 * off:.0f}% off the "
+                f"{est.params_m:.1f}M counted ({est.source}); the count is used")
+    return None
 
 
 def _overhead(name: str, spec: DeviceSpec) -> float:
@@ -91,12 +138,15 @@ def _overhead(name: str, spec: DeviceSpec) -> float:
 
 
 def plan_placement(tiers: Sequence[TierSpec], devices: Mapping[str, DeviceSpec], *,
-                   float_missing_cuda: bool = False) -> Placement:
+                   float_missing_cuda: bool = False,
+                   needs: Optional[Mapping[str, MemoryNeeds]] = None) -> Placement:
     """Assign every tier to a device; `problems` lists why the plan does not fit (empty: it fits).
 
+    `needs`: what each backend knows about its memory (`Tier.memory_needs()`), by tier name.
     `float_missing_cuda` (used by `plan --devices`): a tier pinned to a cuda device that is not
     listed is placed like a plain "cuda" tier instead of being refused, and `notes` says so.
     """
+    needs = needs or {}
     loads = {name: DeviceLoad(name, d.memory_gib, _overhead(name, d)) for name, d in devices.items()}
     assignments: dict[str, str] = {}
     problems: list[str] = []
@@ -104,7 +154,13 @@ def plan_placement(tiers: Sequence[TierSpec], devices: Mapping[str, DeviceSpec],
     floating: list[TierEstimate] = []
     notes: list[str] = []
     for spec in tiers:
-        est = estimate_tier(spec)
+        est = estimate_tier(spec, needs.get(spec.name))
+        note = _params_note(spec, est)
+        if note:
+            notes.append(note)
+        if est.device_fraction is not None and spec.reserve_mib:
+            notes.append(f"tier {spec.name}: reserve_mib is ignored, the runtime books "
+                         f"{est.device_fraction:g} of its device")
         dev = spec.device
         if float_missing_cuda and dev.startswith("cuda:") and dev not in loads:
             notes.append(f"tier {spec.name} is pinned to {dev}, which is not listed: placed on any cuda device")
@@ -124,7 +180,7 @@ def plan_placement(tiers: Sequence[TierSpec], devices: Mapping[str, DeviceSpec],
         assignments[spec.name] = dev
     cuda = sorted((n for n in loads if n.startswith("cuda")), key=_device_order)
     for est in sorted(floating, key=lambda e: -e.total_gib):
-        target = next((n for n in cuda if loads[n].free_gib >= est.total_gib), None)
+        target = next((n for n in cuda if loads[n].free_gib >= loads[n].booked_gib(est)), None)
         if target is None:
             best = max((loads[n].free_gib for n in cuda), default=0.0)
             problems.append(f"tier {est.name}: needs {est.total_gib:.2f} GiB on any cuda device, "
@@ -135,6 +191,13 @@ def plan_placement(tiers: Sequence[TierSpec], devices: Mapping[str, DeviceSpec],
         loads[target].tiers.append(est)
         assignments[est.name] = target
     for load in loads.values():
+        for t in load.tiers:
+            booked = load.booked_gib(t)
+            if t.device_fraction is not None and t.weights_gib > booked:
+                problems.append(f"tier {t.name}: its {t.weights_gib:.2f} GiB of weights do not fit the "
+                                f"{booked:.2f} GiB it books ({t.device_fraction:g} of {load.name}); "
+                                "raise gpu_memory_utilization")
+                offenders.append(t.name)
         if not load.fits:
             names = [t.name for t in load.tiers]
             problems.append(f"{load.name}: needs {load.used_gib:.2f} GiB (incl. {load.overhead_gib:.2f} GiB "
@@ -181,20 +244,34 @@ def parse_devices(text: str) -> dict[str, DeviceSpec]:
 
 
 def format_plan(placement: Placement) -> str:
-    """A per-device table of tiers, their estimated memory and the device's total."""
-    lines = [f"{'device':<10} {'tier':<40} {'dtype':<9} {'params':>9} {'weights':>9} {'reserve':>9} {'total':>9}"]
+    """A per-device table of tiers, their memory and where each figure came from; per device its
+    total, what stays free after booking, and its largest tier."""
+    lines = [f"{'device':<10} {'tier':<40} {'dtype':<9} {'params':>9} {'weights':>9} {'reserve':>9} "
+             f"{'booked':>9}  source"]
     for name in sorted(placement.devices, key=_device_order):
         load = placement.devices[name]
         if load.overhead_gib:
             lines.append(f"{name:<10} {'(runtime context)':<40} {'':<9} {'':>9} {'':>9} {'':>9} "
                          f"{load.overhead_gib:>8.2f}G")
         for t in load.tiers:
+            booked = load.booked_gib(t)
+            source = t.source
+            if t.device_fraction is not None:
+                cap = "its device" if load.capacity_gib is None else f"{load.capacity_gib:.1f} GiB"
+                source += f"; books {t.device_fraction:g} x {cap}"
+            reserve = "-" if t.device_fraction is not None and load.capacity_gib is not None \
+                else f"{t.reserve_gib:>8.2f}G"
             lines.append(f"{name:<10} {t.name:<40} {t.dtype:<9} {t.params_m:>8.1f}M {t.weights_gib:>8.2f}G "
-                         f"{t.reserve_gib:>8.2f}G {t.total_gib:>8.2f}G")
-        cap = "unbudgeted" if load.capacity_gib is None else f"{load.capacity_gib:.2f} GiB"
-        state = "ok" if load.fits else "OVER"
-        lines.append(f"{name:<10} {'= used ' + format(load.used_gib, '.2f') + ' GiB of ' + cap:<40} "
-                     f"{'':<9} {'':>9} {'':>9} {'':>9} {state:>9}")
+                         f"{reserve:>9} {booked:>8.2f}G  {source}")
+        largest = load.largest
+        if load.capacity_gib is None:
+            summary = f"= booked {load.used_gib:.2f} GiB (unbudgeted)"
+        else:
+            summary = (f"= total {load.capacity_gib:.2f} GiB, booked {load.used_gib:.2f} GiB, "
+                       f"free after booking {load.free_gib:.2f} GiB")
+        if largest is not None:
+            summary += f"; largest tier {largest.name} ({load.booked_gib(largest):.2f} GiB)"
+        lines.append(f"{name:<10} {summary}  {'ok' if load.fits else 'OVER'}")
     lines.extend(f"note: {n}" for n in placement.notes)
     if placement.problems:
         lines.append("does not fit:")

@@ -32,14 +32,28 @@ class Telemetry:
         self.tier_calls = Counter("tier_calls", "Requests submitted to a tier", ["tier"],
                                   namespace=ns, registry=r)
         self.tier_failures = Counter("tier_failures", "Tier answers dropped, by kind "
-                                     "(error, invalid, timeout, deadline)", ["tier", "kind"],
+                                     "(error; invalid: not a finite probability in [0, 1]; timeout; deadline: still "
+                                     "running when the request's time ran out)", ["tier", "kind"],
                                      namespace=ns, registry=r)
         self.tier_latency = Histogram("tier_latency_seconds", "Submit-to-result latency per request",
                                       ["tier"], buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
+        self.tier_queue_wait = Histogram("tier_queue_wait_seconds", "Time a request waited in a "
+                                         "tier's queue before its batch started", ["tier"],
+                                         buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
+        self.tier_model_time = Histogram("tier_model_seconds", "Model time of one batch on the "
+                                         "tier's worker (queue time excluded)", ["tier"],
+                                         buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
+        self.tier_busy = Gauge("tier_busy_seconds", "How long the tier's current call has been "
+                               "running (0: idle); a hung tier keeps growing", ["tier"],
+                               namespace=ns, registry=r)
         self.tier_batch_size = Histogram("tier_batch_size", "Images per batch given to a tier",
                                          ["tier"], buckets=BATCH_BUCKETS, namespace=ns, registry=r)
-        self.tier_skipped = Counter("tier_skipped", "Tier not run, by reason (breaker, budget)",
+        self.tier_skipped = Counter("tier_skipped", "Tier not run for a request, by reason (breaker; "
+                                    "budget: its model time does not fit; queue: its queue could not "
+                                    "be served inside the request's budget, a shed, not a failure)",
                                     ["tier", "reason"], namespace=ns, registry=r)
+        self.shed = Counter("shed", "Requests answered without a tier because its queue could not "
+                            "serve them inside their budget (load shedding)", namespace=ns, registry=r)
         self.breaker_state = Gauge("tier_breaker_state", "0 closed, 1 half-open, 2 open", ["tier"],
                                    namespace=ns, registry=r)
         self.store_saved = Counter("store_saved", "Uncertain inputs saved for labelling",

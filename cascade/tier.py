@@ -2,15 +2,20 @@
 
 A backend owns its library (torch, transformers, onnxruntime, ...); the engine owns scheduling.
 The contract follows a worker lifecycle: `load(device)` once, `warmup()` before the tier counts as
-ready, `predict(images)` many times from a worker thread, `close()` at shutdown. `predict` returns
-one entry per input image, in order; an item that failed is an `Exception` in its slot so one bad
-image never costs the rest of the batch.
+ready, `predict(images)` many times, `close()` at shutdown. `bind_worker`, `load`, `warmup` and
+every `predict` run on the tier's own worker thread (one per tier, never shared with another
+tier). `predict` returns one entry per input image, in order; an item that failed is an
+`Exception` in its slot so one bad image never costs the rest of the batch.
+
+Optional capabilities are declared, not assumed: `load_alone` (the engine loads the tier before
+every other one, with nothing else loading beside it) and `memory_needs()` (what the backend
+knows about its device memory, which the placement planner books instead of the YAML figures).
 """
 
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 from PIL import Image
 
@@ -23,6 +28,24 @@ class TierOutput:
 
     prob: float
     evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryNeeds:
+    """What a backend knows about the device memory its tier takes; placement books it.
+
+    Every field is optional: what is None falls back to the tier's YAML (`params_m` x dtype bytes
+    + `reserve_mib`)."""
+
+    # Exact parameter count (e.g. counted from the checkpoint's config on disk).
+    params: Optional[int] = None
+    # Exact bytes of the weights at the tier's dtype (None: params x dtype bytes).
+    weights_bytes: Optional[int] = None
+    # Where `params` / `weights_bytes` came from, shown by `natix-miner plan`.
+    source: Optional[str] = None
+    # The runtime takes this fraction of the whole device (vLLM's gpu_memory_utilization),
+    # whatever the weights; None: weights + reserve_mib.
+    device_fraction: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,10 @@ class Tier(abc.ABC):
     """
 
     Options: ClassVar[type] = NoOptions
+    # Load before every other tier, with no other tier loading at the same time: for a backend
+    # that changes process state while it loads or needs its device's memory free when it
+    # starts (vLLM checks free memory >= gpu_memory_utilization x total at start-up).
+    load_alone: ClassVar[bool] = False
 
     def __init__(self, spec: TierSpec) -> None:
         self.spec = spec
@@ -54,13 +81,25 @@ class Tier(abc.ABC):
     def load(self, device: str) -> None:
         """Load weights onto `device` ("cpu", "cuda:0", ...). Called once, off the event loop."""
 
-    def warmup(self) -> None:
-        """Run one small batch so first-request latency is not paid by a validator."""
+    def bind_worker(self, device: str) -> None:
+        """Called once on the tier's own worker thread before `load` (e.g. to give that thread
+        its own CUDA stream, so this tier's kernels do not queue behind another tier's)."""
+
+    def warmup(self) -> Optional[list["TierOutput | Exception"]]:
+        """Run one small batch so first-request latency is not paid by a validator; return its
+        outputs, which the engine checks are finite probabilities in [0, 1] (a backend that
+        returns None gets one checked `predict` from the engine instead)."""
         image = Image.new("RGB", (640, 480), (90, 90, 90))
         outputs = self.predict([image] * min(2, self.spec.max_batch_size))
         for out in outputs:
             if isinstance(out, Exception):
                 raise out
+        return outputs
+
+    def memory_needs(self) -> MemoryNeeds:
+        """What this backend knows about its memory beyond the YAML (called before `load`, so
+        it must not touch the device); the default knows nothing more."""
+        return MemoryNeeds()
 
     @abc.abstractmethod
     def predict(self, images: Sequence[Image.Image]) -> list["TierOutput | Exception"]:

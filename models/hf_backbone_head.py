@@ -34,6 +34,7 @@ from cascade.config import TierSpec
 from cascade.errors import ConfigError, MissingArtifactError
 from cascade.tier import TierOutput, TrainableTier
 from models import backbone_weights
+from models.hf_common import TransformersTierMixin
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  rgb, to_device, torch_dtype)
 from models.finetunable import FineTunable, NetOptions, TrainingNet, linear_names_in_blocks
@@ -94,11 +95,12 @@ def pool_features(hidden: torch.Tensor, pooler: Optional[torch.Tensor], n_prefix
     return torch.cat([cls, mean], dim=-1)
 
 
-class HFBackboneHeadTier(HeadMixin, FineTunable, TrainableTier):
+class HFBackboneHeadTier(TransformersTierMixin, HeadMixin, FineTunable, TrainableTier):
     """Foundation backbone features (frozen, fine-tuned or LoRA-adapted) -> trained head."""
 
     Options = Options
     finetune_modes = ("finetune", "lora")
+    auto_class = "AutoModel"
 
     def __init__(self, spec: TierSpec) -> None:
         super().__init__(spec)

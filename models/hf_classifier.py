@@ -22,6 +22,7 @@ from PIL import Image
 
 from cascade.errors import ConfigError
 from cascade.tier import Tier, TierOutput
+from models.hf_common import TransformersTierMixin
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  rgb, to_device, torch_dtype)
 
@@ -64,10 +65,11 @@ def positive_indices(id2label: dict, options: Options) -> list[int]:
     return idx
 
 
-class HFClassifierTier(Tier):
+class HFClassifierTier(TransformersTierMixin, Tier):
     """A fine-tuned image classifier whose label set includes roadwork."""
 
     Options = Options
+    auto_class = "AutoModelForImageClassification"
 
     def __init__(self, spec) -> None:
         super().__init__(spec)

@@ -22,6 +22,7 @@ from loguru import logger
 from PIL import Image
 
 from cascade.tier import Tier, TierOutput
+from models.hf_common import TransformersTierMixin
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  rgb, to_device, torch_dtype)
 from models.detection_evidence import (Box, EvidenceOptions, image_probability, label_names,
@@ -42,10 +43,11 @@ class Options:
     allow_no_roadwork_classes: bool = False
 
 
-class HFDetectorTier(Tier):
+class HFDetectorTier(TransformersTierMixin, Tier):
     """Transformers DETR-family detector; roadwork boxes -> image probability."""
 
     Options = Options
+    auto_class = "AutoModelForObjectDetection"
 
     def __init__(self, spec) -> None:
         super().__init__(spec)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from cascade.tier import Tier, TierOutput
+from models.hf_common import TransformersTierMixin
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  to_device, torch_dtype)
 from models.vlm_common import VLMOptions, answer_token_ids, chat_messages, prob_from_logits, shrink
@@ -32,10 +33,11 @@ class Options(VLMOptions):
     attn_implementation: str = "sdpa"
 
 
-class TransformersVLMTier(Tier):
+class TransformersVLMTier(TransformersTierMixin, Tier):
     """Yes/no roadwork question scored from next-token logits, with transformers."""
 
     Options = Options
+    auto_class = "AutoModelForImageTextToText"
 
     def __init__(self, spec) -> None:
         super().__init__(spec)

@@ -13,22 +13,28 @@ yes/no tokens allowed), and the probability comes from the log-probabilities of 
 ids (`models.vlm_common`). The shared question prefix makes prefix caching effective.
 
 Device: vLLM owns its GPU(s) through its own engine process. A tier placed on `cuda:N` starts the
-engine with CUDA_VISIBLE_DEVICES=N (set only while the engine is being created);
-`gpu_memory_utilization` is the fraction of THAT device vLLM may take, so it must leave room for
-the other tiers placed there (placement's reserve_mib should match it).
+engine with CUDA_VISIBLE_DEVICES=N, set only while the engine is being created; the tier declares
+`load_alone`, so the engine creates it before any other tier loads and with none loading beside
+it: no other tier can see the changed variable, and vLLM finds its card's memory still free (it
+refuses to start when free memory < gpu_memory_utilization x total). If creating the engine
+initialised CUDA in the miner's own process while the variable was changed, the miner's view of
+the cards would stay narrowed for every later tier: the tier refuses to load then, naming the way
+out (the `vlm_openai` tier against `vllm serve` in its own process). `gpu_memory_utilization` is
+the fraction of that whole device vLLM takes; the placement planner books exactly that.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Sequence
 
 from PIL import Image
 
 from cascade.errors import ConfigError
-from cascade.tier import Tier, TierOutput
+from cascade.tier import MemoryNeeds, Tier, TierOutput
+from models.param_count import count_parameters
 from models.vlm_common import (VLMOptions, answer_token_ids, chat_messages, prob_from_id_logprobs,
                                shrink)
 
@@ -83,10 +89,11 @@ class Options(VLMOptions):
 
 
 @contextmanager
-def _visible_device(device: str) -> Iterator[None]:
-    """Pin vLLM's engine process to one GPU while it is created (`cuda:1` -> CUDA_VISIBLE_DEVICES=1)."""
+def _visible_device(device: str) -> Iterator[bool]:
+    """Pin vLLM's engine process to one GPU while it is created (`cuda:1` -> CUDA_VISIBLE_DEVICES=1);
+    yields whether the variable had to change."""
     if not device.startswith("cuda:"):
-        yield
+        yield False
         return
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     index = device.split(":", 1)[1]
@@ -95,12 +102,29 @@ def _visible_device(device: str) -> Iterator[None]:
         index = visible[int(index)] if int(index) < len(visible) else index
     os.environ["CUDA_VISIBLE_DEVICES"] = index
     try:
-        yield
+        yield old != index
     finally:
         if old is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
+def _cuda_initialised() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_initialized())
+
+
+def first_token_logprobs(request_output: Any) -> dict[int, float]:
+    """{token_id: logprob} of the FIRST generated token of a `vllm.RequestOutput` (the answer;
+    `CompletionOutput.logprobs` holds one {token_id: Logprob} mapping per generated token)."""
+    positions = request_output.outputs[0].logprobs
+    if not positions:
+        raise ValueError("vLLM returned no log-probabilities (SamplingParams.logprobs unset?)")
+    return {int(t): float(lp.logprob) for t, lp in positions[0].items()}
 
 
 def engine_kwargs(model: str, dtype: str, options: Options) -> dict[str, Any]:
@@ -130,6 +154,7 @@ class VLLMTier(Tier):
     """Yes/no roadwork question scored from next-token log-probabilities, on vLLM."""
 
     Options = Options
+    load_alone = True  # it sets CUDA_VISIBLE_DEVICES while its engine starts; see the module docstring
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -148,8 +173,15 @@ class VLLMTier(Tier):
         if not path:
             raise RuntimeError(f"tier {self.name} (vlm_vllm) needs a 'checkpoint:'")
         self.device = "cuda:0" if device == "cuda" else device
-        with _visible_device(self.device):
+        initialised_before = _cuda_initialised()
+        with _visible_device(self.device) as pinned:
             self.llm = LLM(**engine_kwargs(path, self.spec.dtype, self.options))
+        if pinned and not initialised_before and _cuda_initialised():
+            raise RuntimeError(
+                f"tier {self.name}: creating the vLLM engine initialised CUDA in the miner process while "
+                f"CUDA_VISIBLE_DEVICES was narrowed to {self.device}'s card, so every other tier would see "
+                "the wrong cards; run vLLM in its own process instead (`vllm serve` with its own "
+                "CUDA_VISIBLE_DEVICES and a `vlm_openai` tier, see docs/gpu.md)")
         tokenizer = self.llm.get_tokenizer()
         self.yes_ids, self.no_ids = answer_token_ids(tokenizer)
         self.prompt = self._chat_prompt(path, tokenizer)
@@ -180,9 +212,7 @@ class VLLMTier(Tier):
         results: list[TierOutput | Exception] = []
         for out in outputs:
             try:
-                first = out.outputs[0].logprobs[0]  # {token_id: Logprob}
-                lps = {int(t): float(lp.logprob) for t, lp in first.items()}
-                prob, evidence = prob_from_id_logprobs(lps, self.yes_ids, self.no_ids)
+                prob, evidence = prob_from_id_logprobs(first_token_logprobs(out), self.yes_ids, self.no_ids)
                 results.append(TierOutput(prob=prob, evidence=evidence))
             except Exception as exc:  # noqa: BLE001 - per-item error is the contract
                 results.append(exc)
@@ -195,6 +225,14 @@ class VLLMTier(Tier):
             return self._batch(list(images))
         except Exception as exc:  # noqa: BLE001 - engine-level failure: every slot carries it
             return [exc for _ in images]
+
+    def memory_needs(self) -> MemoryNeeds:
+        """vLLM takes gpu_memory_utilization x the whole card (weights, KV cache, activations);
+        the weights are counted from the checkpoint's config where it is on disk."""
+        counted = count_parameters(self.spec, "AutoModelForImageTextToText",
+                                   trust_remote_code=self.options.trust_remote_code)
+        fraction = self.options.gpu_memory_utilization
+        return replace(counted, device_fraction=fraction) if counted else MemoryNeeds(device_fraction=fraction)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

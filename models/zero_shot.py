@@ -26,6 +26,7 @@ from PIL import Image
 
 from cascade.errors import ConfigError
 from cascade.tier import Tier, TierOutput
+from models.hf_common import TransformersTierMixin
 from models._torch_utils import (checkpoint_or_raise, clamp_prob, per_item, release, resolve_device,
                                  rgb, to_device, torch_dtype)
 
@@ -90,10 +91,11 @@ def concept_probability(logits: torch.Tensor, n_pos: int, sigmoid: bool) -> torc
     return torch.softmax(logits, dim=-1)[:, :n_pos].sum(dim=1)
 
 
-class ZeroShotTier(Tier):
+class ZeroShotTier(TransformersTierMixin, Tier):
     """CLIP/SigLIP zero-shot roadwork scorer with cached prompt-ensemble text embeddings."""
 
     Options = Options
+    auto_class = "AutoModel"
 
     def __init__(self, spec) -> None:
         super().__init__(spec)

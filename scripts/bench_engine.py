@@ -76,8 +76,8 @@ class ModelledTier(Tier):
         self.device = spec.device
 
 
-def config(tiers: list[dict], deadline_ms: float, threads: int, failures_to_open: int = 3):
-    data = {"engine": {"deadline_ms": deadline_ms, "threads_per_device": threads,
+def config(tiers: list[dict], deadline_ms: float, failures_to_open: int = 3):
+    data = {"engine": {"deadline_ms": deadline_ms,
                        "breaker": {"failures_to_open": failures_to_open, "cooldown_s": 30},
                        "store": {"enabled": False}},
             "router": {"threshold": 0.5, "margin": 0.3},
@@ -120,7 +120,7 @@ async def bench_batching(args, image) -> None:
                         "workload": args.workload}}
     rates = {}
     for label, batch, wait in (("micro-batched", args.concurrency, args.max_wait_ms), ("batch size 1", 1, 0.0)):
-        eng = engine_for(config([{**tier, "max_batch_size": batch, "max_wait_ms": wait}], 8000, 1))
+        eng = engine_for(config([{**tier, "max_batch_size": batch, "max_wait_ms": wait}], 8000))
         async with eng:
             await closed_loop(eng, image, args.concurrency, args.concurrency)  # warm the path
             elapsed, lat, _ = await closed_loop(eng, image, args.requests, args.concurrency)
@@ -136,7 +136,7 @@ async def bench_deadline(args, image) -> None:
     fast = {"name": "fast.uncertain", "expected_latency_ms": 5, "max_batch_size": 8,
             "options": {"prob": 0.5, "overhead_ms": 5, "per_image_ms": 0.5, "workload": "sleep"}}
     scenarios = {
-        "always slow (router learns its latency EMA and stops asking it)":
+        "always slow (router learns its model time and stops asking it)":
             {"overhead_ms": args.deadline_ms * 2, "per_image_ms": 0},
         "stalls every 3rd call (only the deadline can cut it)":
             {"overhead_ms": 20, "per_image_ms": 1, "stall_every": 3, "stall_ms": args.deadline_ms * 2},
@@ -147,7 +147,7 @@ async def bench_deadline(args, image) -> None:
     for label, opts in scenarios.items():
         slow = {"name": "slow.overrun", "expected_latency_ms": 30, "max_batch_size": 8,
                 "options": {"prob": 0.9, "workload": "sleep", **opts}}
-        eng = engine_for(config([fast, slow], args.deadline_ms, 2, failures_to_open=10 ** 9))
+        eng = engine_for(config([fast, slow], args.deadline_ms, failures_to_open=10 ** 9))
         async with eng:
             _, lat, results = await closed_loop(eng, image, args.deadline_requests, 4, deadline_s)
         cut = sum(r.deadline_hit for r in results)
@@ -161,7 +161,7 @@ async def bench_deadline(args, image) -> None:
 async def bench_overhead(args, image) -> None:
     tier = {"name": "fast.direct", "expected_latency_ms": 5, "max_batch_size": 8,
             "options": {"prob": 0.95, "overhead_ms": args.fast_ms, "per_image_ms": 0, "workload": args.workload}}
-    eng = engine_for(config([tier], 8000, 1))
+    eng = engine_for(config([tier], 8000))
     async with eng:
         t = eng.tiers["fast.direct"]
         for _ in range(5):

@@ -23,12 +23,16 @@ class ScriptedTier(Tier):
     """A tier whose probability, delay and failures the test controls.
 
     prob: a constant, or None to read it from the red channel of the image's first pixel.
+    warm: what warmup() returns (default: one valid output, kept out of the batch counts;
+    "predict": run predict like the base class, so the engine checks the real outputs).
     """
 
     def __init__(self, spec, prob: Optional[float] = 0.5, delay_s: float = 0.0,
                  fail: Optional[Callable[[], Any]] = None, load_error: Optional[Exception] = None,
-                 output: Any = None) -> None:
+                 output: Any = None, warm: Any = None, stall: Optional[Callable[[int], float]] = None) -> None:
         super().__init__(spec)
+        self.warm = warm
+        self.stall = stall  # batch index -> extra seconds this batch takes
         self.prob = prob
         self.delay_s = delay_s
         self.fail = fail
@@ -43,13 +47,18 @@ class ScriptedTier(Tier):
             raise self.load_error
         self.loaded_on = device
 
-    def warmup(self) -> None:  # keep warm-up out of the batch counts
-        pass
+    def warmup(self):  # keep warm-up out of the batch counts
+        if self.warm == "predict":
+            outs = self.predict([image()])
+            self.batch_sizes.clear()
+            return outs
+        return self.warm if self.warm is not None else [TierOutput(0.5)]
 
     def predict(self, images):
         self.batch_sizes.append(len(images))
-        if self.delay_s:
-            self.closed.wait(self.delay_s)  # interruptible so stop() does not wait it out
+        delay = self.delay_s + (self.stall(len(self.batch_sizes) - 1) if self.stall else 0.0)
+        if delay:
+            self.closed.wait(delay)  # interruptible so stop() does not wait it out
         if self.fail is not None:
             err = self.fail()
             if err is not None:
@@ -68,7 +77,7 @@ class ScriptedTier(Tier):
 
 def write_config(tmp_path: Path, tiers: list[dict], engine: Optional[dict] = None,
                  router: Optional[dict] = None) -> Path:
-    data = {"engine": {"deadline_ms": 2000, "threads_per_device": 2, **(engine or {})},
+    data = {"engine": {"deadline_ms": 2000, **(engine or {})},
             "router": {"threshold": 0.5, "margin": 0.3, **(router or {})},
             "tiers": [{"backend": "scripted", "device": "cpu", "expected_latency_ms": 10, **t}
                       for t in tiers],
@@ -342,3 +351,209 @@ async def test_cancelled_condition_estimate_is_no_conditions_not_a_cancellation(
     fut = asyncio.get_running_loop().create_future()
     fut.cancel()
     assert await eng._await_conditions(fut, time.monotonic() + 1.0) == {}
+
+
+# ---- isolation: a worker per tier, load shedding, latency estimates (issues 8.1, 8.2, 11.4, 11.8)
+
+
+async def test_hanging_tier_never_delays_the_fast_tier_on_the_same_device(tmp_path):
+    # 50 concurrent requests; the fast tier is uncertain so every request escalates to a tier
+    # that hangs (far past the deadline) on the same device. Every answer must use the fast tier
+    # and arrive by the deadline; the fast tier's breaker stays closed, the hung tier is reported
+    # by health() and its thread count stays one.
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.55, "delay_s": 0.005},
+                                       "hang.b": {"prob": 0.9, "delay_s": 30.0}},
+                            tiers=[{"name": "fast.a", "max_batch_size": 8},
+                                   {"name": "hang.b", "max_batch_size": 4}])
+    budget = 0.6
+    async with eng:
+        threads = []
+        for _ in range(2):  # the second burst meets the tier already hung
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(eng.predict(image(), deadline_s=budget) for _ in range(50)))
+            assert time.monotonic() - t0 < budget + 0.2
+            assert all("fast.a" in r.tier_probs and not r.fallback for r in results)
+            assert all(r.latency_ms <= budget * 1000 + 50 for r in results)
+            assert all(r.prob == pytest.approx(0.55) for r in results)
+            threads.append(threading.active_count())
+        assert threads[1] == threads[0]  # a hung call makes the engine start no new thread
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("tier-hang.b") == 1 and names.count("tier-fast.a") == 1
+        h = eng.health()
+        assert h["tiers"]["fast.a"]["breaker"] == "closed" and h["tiers"]["fast.a"]["failures"] == 0
+        assert h["tiers"]["hang.b"]["busy_s"] > budget and h["tiers"]["hang.b"]["worker_alive"]
+        # hang.b ran one batch, which the deadline cut (a failure per request in it); every other
+        # request that reached it was shed (it never started there) and is not held against it
+        ran = made["hang.b"].batch_sizes
+        assert len(ran) == 1
+        assert h["tiers"]["hang.b"]["failures"] == ran[0] and h["tiers"]["hang.b"]["shed"] == 100 - ran[0]
+    t = eng.telemetry
+    assert t.value("cascade_tier_failures_total", {"tier": "fast.a", "kind": "deadline"}) == 0
+    assert t.value("cascade_tier_skipped_total", {"tier": "hang.b", "reason": "queue"}) == 100 - ran[0]
+
+
+async def test_health_reports_a_hung_tier(tmp_path):
+    eng, made = make_engine(tmp_path, {"hang.a": {"prob": 0.9, "delay_s": 30.0}},
+                            tiers=[{"name": "hang.a", "timeout_ms": 100}])
+    async with eng:
+        res = await eng.predict(image(), deadline_s=0.3)
+        assert res.fallback and res.failed == ["hang.a"]
+        await asyncio.sleep(0.05)
+        h = eng.health()
+        assert h["tiers"]["hang.a"]["hung"] is True and h["hung_tiers"] == ["hang.a"]
+        assert eng.telemetry.value("cascade_tier_busy_seconds", {"tier": "hang.a"}) > 0.1
+
+
+async def test_a_burst_sheds_at_once_and_does_not_open_a_healthy_breaker(tmp_path):
+    # 120 concurrent requests on a healthy tier that serves 4 per 50 ms: the queue cannot serve
+    # them all in 0.4 s. Those it cannot serve are answered at once (fallback, marked shed),
+    # never late; none counts as a failure; the breaker stays closed and the next sequential
+    # requests all use the tier.
+    eng, made = make_engine(tmp_path, {"busy.a": {"prob": 0.9, "delay_s": 0.05}},
+                            tiers=[{"name": "busy.a", "max_batch_size": 4, "expected_latency_ms": 50}],
+                            engine={"breaker": {"failures_to_open": 3, "cooldown_s": 30}})
+    budget = 0.4
+    async with eng:
+        results = await asyncio.gather(*(eng.predict(image(), deadline_s=budget) for _ in range(120)))
+        served = [r for r in results if not r.fallback]
+        shed = [r for r in results if r.shed]
+        assert served and shed and len(served) + len(shed) == 120
+        assert all(r.latency_ms <= budget * 1000 + 50 for r in results)
+        assert all(r.skipped == {"busy.a": "queue"} and r.fallback and r.failed == [] for r in shed)
+        assert max(r.latency_ms for r in shed[: len(shed) // 2]) < 150  # shed early, not at the deadline
+        h = eng.health()["tiers"]["busy.a"]
+        assert h["breaker"] == "closed" and h["failures"] == 0 and h["shed"] == len(shed)
+        after = [await eng.predict(image(), deadline_s=budget) for _ in range(10)]
+        assert all(r.tier_probs == {"busy.a": pytest.approx(0.9)} for r in after)
+    assert eng.telemetry.value("cascade_shed_total") == len(shed)
+
+
+async def test_queue_timeout_is_not_a_tier_failure(tmp_path):
+    # A request still queued when its time runs out never ran on the tier: the breaker (one
+    # failure opens it here) must not hear of it, and the answer says it was shed.
+    eng, made = make_engine(tmp_path, {"slow.a": {"prob": 0.9, "delay_s": 0.3}},
+                            tiers=[{"name": "slow.a", "max_batch_size": 1, "expected_latency_ms": 1}],
+                            engine={"breaker": {"failures_to_open": 1, "cooldown_s": 30}})
+    async with eng:
+        first = asyncio.ensure_future(eng.predict(image(), deadline_s=1.0))
+        await asyncio.sleep(0.02)  # the first request is running; estimates still say 1 ms
+        second = await eng.predict(image(), deadline_s=0.1)
+        assert second.fallback and second.shed and second.skipped == {"slow.a": "queue"}
+        assert second.failed == [] and not second.deadline_hit
+        assert (await first).tier_probs == {"slow.a": pytest.approx(0.9)}
+        assert eng.health()["tiers"]["slow.a"]["breaker"] == "closed"
+        assert eng.health()["tiers"]["slow.a"]["failures"] == 0
+    assert made["slow.a"].batch_sizes == [1]
+
+
+async def test_a_stall_is_remeasured_and_the_tier_asked_again(tmp_path):
+    # The second tier stalls 1.5 s on its first call (far over a 0.3 s budget), then is fast.
+    # Its model-time estimate is then one 1.5 s sample; after LATENCY_PROBE_EVERY budget skips
+    # one request re-measures it, and from then on it is asked on every request.
+    from cascade.engine import LATENCY_PROBE_EVERY
+
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.55},
+                                       "stall.b": {"prob": 0.9, "stall": lambda i: 1.5 if i == 0 else 0.0}},
+                            engine={"breaker": {"failures_to_open": 5, "cooldown_s": 30}})
+    async with eng:
+        first = await eng.predict(image(), deadline_s=0.3)
+        assert first.failed == ["stall.b"]  # it started, the deadline cut it: a real failure
+        await asyncio.sleep(1.4)  # the stalled call returns; its 1.5 s is the only sample
+        asked_at = []
+        for i in range(LATENCY_PROBE_EVERY + 6):
+            res = await eng.predict(image(), deadline_s=0.3)
+            if "stall.b" in res.tier_probs:
+                asked_at.append(i)
+            else:
+                assert res.skipped == {"stall.b": "budget"}
+        assert asked_at and asked_at[0] <= LATENCY_PROBE_EVERY
+        assert asked_at == list(range(asked_at[0], LATENCY_PROBE_EVERY + 6))  # asked every time after
+        assert eng.health()["tiers"]["stall.b"]["model_ms"] < 100
+
+
+async def test_one_stall_among_measured_calls_does_not_move_the_estimate(tmp_path):
+    stalls = {3}
+    eng, made = make_engine(tmp_path, {"fast.a": {"prob": 0.55},
+                                       "stall.b": {"prob": 0.9, "stall": lambda i: 0.8 if i in stalls else 0.0}})
+    async with eng:
+        for _ in range(3):
+            await eng.predict(image(), deadline_s=1.0)
+        res = await eng.predict(image(), deadline_s=1.0)  # the stall, inside the budget
+        assert "stall.b" in res.tier_probs and res.latency_ms > 700
+        res = await eng.predict(image(), deadline_s=0.3)  # asked again at once
+        assert "stall.b" in res.tier_probs
+        h = eng.health()["tiers"]["stall.b"]
+        assert h["model_ms"] < 100
+
+
+async def test_router_sees_model_time_not_queue_time(tmp_path):
+    # Requests that waited behind a batch do not make the tier look slow: its estimate is the
+    # time its calls took on the worker, not submit-to-result.
+    eng, made = make_engine(tmp_path, {"batch.a": {"prob": 0.9, "delay_s": 0.05}},
+                            tiers=[{"name": "batch.a", "max_batch_size": 1}])
+    async with eng:
+        await asyncio.gather(*(eng.predict(image(), deadline_s=2.0) for _ in range(8)))
+        h = eng.health()["tiers"]["batch.a"]
+    assert 40 <= h["model_ms"] < 150  # queue waits reached 350 ms
+    assert eng.telemetry.value("cascade_tier_queue_wait_seconds_sum", {"tier": "batch.a"}) > 0.5
+
+
+@pytest.mark.parametrize("warm", [
+    [TierOutput(float("nan"))], [TierOutput(float("inf"))], [TierOutput(1.5)], [TierOutput(-0.1)],
+    [ValueError("no")], [], "predict",
+])
+async def test_warmup_rejects_a_tier_whose_outputs_are_not_probabilities(tmp_path, warm):
+    output = (lambda ims: [TierOutput(float("nan"))] * len(ims)) if warm == "predict" else None
+    eng, made = make_engine(tmp_path, {"ok.a": {}, "nan.b": {"warm": warm, "output": output}})
+    with pytest.raises(TierStartError, match="nan.b"):
+        await eng.start()
+    assert not eng.ready and made["ok.a"].closed.is_set()
+
+
+async def test_warmup_without_outputs_gets_a_checked_predict(tmp_path):
+    class Quiet(ScriptedTier):
+        def warmup(self):
+            return None
+
+    cfg = load_cascade_config(write_config(tmp_path, [{"name": "nan.a"}]))
+    eng = CascadeEngine(cfg, lambda spec: Quiet(spec, output=lambda ims: [TierOutput(float("nan"))] * len(ims)))
+    with pytest.raises(TierStartError, match="finite probabilities"):
+        await eng.start()
+
+
+async def test_non_finite_outputs_count_as_invalid_tier_failures(tmp_path):
+    def nan_raise(ims):
+        return [FloatingPointError("model produced a non-finite probability nan")] * len(ims)
+
+    eng, made = make_engine(tmp_path, {"nan.a": {"output": lambda ims: [TierOutput(float("nan"))] * len(ims)},
+                                       "fpe.b": {"output": nan_raise}},
+                            router={"min_tiers": 2})
+    async with eng:
+        res = await eng.predict(image())
+    assert res.fallback and res.failed == ["nan.a", "fpe.b"]
+    t = eng.telemetry
+    assert t.value("cascade_tier_failures_total", {"tier": "nan.a", "kind": "invalid"}) == 1
+    assert t.value("cascade_tier_failures_total", {"tier": "fpe.b", "kind": "invalid"}) == 1
+    assert t.value("cascade_answers_total", {"kind": "fallback"}) == 1
+
+
+async def test_work_that_cannot_finish_is_not_started(tmp_path):
+    # The batch ahead overran its estimate, so by the time the next request's batch could start
+    # its deadline leaves less than the tier's model time: it is shed there (not run, not a
+    # failure) instead of being started only to be cut by the deadline.
+    eng, made = make_engine(tmp_path, {"slow.a": {"prob": 0.9, "delay_s": 0.2,
+                                                  "stall": lambda i: 0.2 if i == 3 else 0.0}},
+                            tiers=[{"name": "slow.a", "max_batch_size": 1, "expected_latency_ms": 200}],
+                            engine={"breaker": {"failures_to_open": 1, "cooldown_s": 30}})
+    async with eng:
+        for _ in range(3):
+            await eng.predict(image(), deadline_s=2.0)
+        first = asyncio.ensure_future(eng.predict(image(), deadline_s=2.0))  # takes 0.4 s, not 0.2
+        await asyncio.sleep(0.01)
+        late = await eng.predict(image(), deadline_s=0.5)  # admitted: 0.19 + 0.2 s < 0.5 s
+        assert late.shed and late.fallback and late.skipped == {"slow.a": "queue"} and late.failed == []
+        assert late.latency_ms < 450  # answered when it was shed, not at its deadline
+        await first
+        h = eng.health()["tiers"]["slow.a"]
+        assert h["failures"] == 0 and h["breaker"] == "closed"
+    assert made["slow.a"].batch_sizes == [1, 1, 1, 1]  # the late request never ran

@@ -57,8 +57,9 @@ def test_plan_refuses_an_overcommitted_gpu_naming_the_tiers(tmp_path, capsys):
     code = run_plan(["--config", str(cfg)])
     out, err = capsys.readouterr()
     assert code == 1
-    # 78B in bf16 is ~145 GiB: cuda:1 is over, and the tier is named
-    assert "internvl3_78b.bf16" in err and "OVER" in out and "cuda:1" in out
+    # 78B in bf16 is ~145 GiB: more than the 0.45 x 80 GiB vLLM books on cuda:1; the tier is named
+    assert "internvl3_78b.bf16" in err and "cuda:1" in out
+    assert "145.29 GiB of weights do not fit the 36.00 GiB it books" in out
 
 
 def test_plan_accepts_a_fitting_config_and_devices_override(tmp_path, capsys):
@@ -112,3 +113,87 @@ def test_repository_configs_fit_their_devices(name, capsys):
     if not path.exists():
         pytest.skip(f"{path} not present")
     assert run_plan(["--config", str(path)]) == 0
+
+
+# ---- honest placement (issue 8.4) -----------------------------------------------------------
+
+
+def test_vllm_tier_books_its_gpu_memory_utilization_of_the_card(capsys):
+    from pathlib import Path
+
+    gpu1x = Path(__file__).resolve().parents[1] / "configs" / "gpu-1x.yaml"
+    assert run_plan(["--config", str(gpu1x), "--devices", "cuda:0=80GiB"]) == 0
+    out, _ = capsys.readouterr()
+    row = next(line for line in out.splitlines() if line.split()[1:2] == ["qwen25vl_3b.yes_no"])
+    assert "36.00G" in row and "books 0.45 x 80.0 GiB" in row  # not the 10.8 GiB hand figure
+    summary = next(line for line in out.splitlines() if line.startswith("cuda:0     = total"))
+    assert "total 80.00 GiB" in summary and "free after booking" in summary
+    assert "largest tier qwen25vl_3b.yes_no (36.00 GiB)" in summary
+
+
+def test_fraction_booking_is_per_card_when_placed_on_plain_cuda():
+    from cascade.tier import MemoryNeeds
+
+    spec = TierSpec(name="vlm", backend="vlm_vllm", device="cuda", dtype="bfloat16", params_m=3000,
+                    reserve_mib=4000)
+    needs = {"vlm": MemoryNeeds(device_fraction=0.5)}
+    placement = plan_placement([spec], {"cuda:0": DeviceSpec(24.0), "cuda:1": DeviceSpec(80.0)}, needs=needs)
+    assert placement.fits and placement.assignments["vlm"] == "cuda:0"
+    assert placement.devices["cuda:0"].used_gib == pytest.approx(0.5 + 12.0)  # reserve_mib ignored
+    assert any("reserve_mib is ignored" in n for n in placement.notes)
+
+
+def _tiny_vit(path, hidden=32):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=2)
+    model = transformers.ViTForImageClassification(cfg)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_plan_counts_parameters_from_a_config_on_disk_and_warns_when_params_m_is_off(tmp_path, capsys):
+    pytest.importorskip("accelerate")
+    exact = _tiny_vit(tmp_path / "vit")
+    tiers = [{"name": "vit.right", "backend": "hf_classifier", "checkpoint": "vit", "device": "cuda:0",
+              "dtype": "float16", "params_m": round(exact / 1e6, 4)},
+             {"name": "vit.wrong", "backend": "hf_classifier", "checkpoint": "vit", "device": "cuda:0",
+              "dtype": "float16", "params_m": 1.0},
+             {"name": "vit.hub", "backend": "hf_classifier", "checkpoint": "nobody/not-cached",
+              "device": "cuda:0", "dtype": "float16", "params_m": 5.0}]
+    cfg = write(tmp_path, tiers, {"cuda:0": {"memory_gib": 8}})
+    assert run_plan(["--config", str(cfg)]) == 0
+    out, _ = capsys.readouterr()
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("cuda:0     vit.")}
+    assert "counted from vit/config.json" in rows["vit.right"] and "accelerate" in rows["vit.right"]
+    assert f"{exact / 1e6:.1f}M" in rows["vit.wrong"] and "counted" in rows["vit.wrong"]  # the count wins
+    assert f"{exact * 2 / 2 ** 30:.2f}G" in rows["vit.right"]  # fp16 bytes of the exact count
+    assert "declared params_m" in rows["vit.hub"] and "5.0M" in rows["vit.hub"]  # nothing on disk
+    assert "warning: tier vit.wrong: params_m 1 is" in out and "% off" in out
+    assert "warning: tier vit.right" not in out
+
+
+def test_engine_books_what_plan_prints(tmp_path):
+    """The engine's own placement uses the backends' counts too (one plan, two readers)."""
+    import asyncio
+
+    from cascade.config import load_cascade_config
+    from cascade.engine import CascadeEngine
+    from cascade.tier import MemoryNeeds, Tier, TierOutput
+
+    class Counted(Tier):
+        def load(self, device):
+            pass
+
+        def predict(self, images):
+            return [TierOutput(0.5) for _ in images]
+
+        def memory_needs(self):
+            return MemoryNeeds(params=2_000_000_000, weights_bytes=4 * 2 ** 30, source="test count")
+
+    cfg = write(tmp_path, [{"name": "big.a", "backend": "x", "device": "cpu", "params_m": 1}],
+                {"cpu": {"memory_gib": 3}})
+    engine = CascadeEngine(load_cascade_config(cfg), Counted)
+    with pytest.raises(Exception, match="big.a"):
+        asyncio.run(engine.start())
