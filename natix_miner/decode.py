@@ -69,13 +69,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), alpha flattened onto white."""
     mode = im.mode
     if mode.startswith("I;16"):
-        arr = np.asarray(im)  # uint16, either byte order: the top byte is the 8-bit value
-        return Image.fromarray((arr >> 8).astype(np.uint8), "L").convert("RGB")
+        arr = np.array(im)  # uint16, either byte order: the top byte is the 8-bit value
+        arr >>= 8
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
     if mode == "I":
-        arr = np.asarray(im)  # int32
+        arr = np.array(im)  # int32
         lo, hi = int(arr.min()), int(arr.max())
         if lo >= 0 and hi <= 0xFFFF:  # a 16-bit image held as int32 (PNG, TIFF)
-            return Image.fromarray((arr >> 8).astype(np.uint8), "L").convert("RGB")
+            arr >>= 8
+            return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
         span = max(hi - lo, 1)
         scaled = (arr.astype(np.int64) - lo) * 255 // span
         return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
