@@ -353,6 +353,9 @@ class Miner:
         self._m_latency = Histogram("forward_seconds", "Forward latency, decode included",
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 9),
                                     namespace="natix_miner", registry=registry)
+        from natix_miner.shell_metrics import ShellCollector
+
+        registry.register(ShellCollector(self))  # guard, HTTP, admission and metagraph figures
         if self.settings.telemetry_port is not None:
             self._telemetry.serve(self.settings.telemetry_port)
 
