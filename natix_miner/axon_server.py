@@ -11,9 +11,11 @@ call adds an entry to the axon's nonce table), and answers a signed but malforme
   body within `server.body_timeout_s` of the headers (else 408); it also stamps the time the
   request's first byte arrived, from which the forward measures its answer budget.
 - `Shield`, the outermost ASGI app: only POST to the served synapse routes passes (404 / 405
-  otherwise, before bittensor sees the request, so no per-request error line), with a declared
-  body length within the decode caps (411 / 413). h11 itself refuses a header block over
-  `server.max_header_bytes` (400).
+  otherwise, before bittensor sees the request, so no per-request error line), with a header
+  block within `server.max_header_bytes` (431; h11 already refuses a larger one that arrives in
+  pieces), headers that parse into the synapse (400, bittensor answers 500), a declared body
+  length within the decode caps (411 / 413), and the body read as JSON whatever content type
+  the caller gave (FastAPI answers 500 to a JSON body without one).
 - the body check that replaces the axon's `verify_body_integrity`: not JSON or not an object
   -> 400, fields of the wrong type -> 422, body hash not the signed one -> 400.
 - the base `/Synapse` route is removed; uvicorn's keep-alive and connection limit are set.
@@ -115,11 +117,13 @@ def protocol_class(settings: ServerSettings) -> type:
 
 
 class Shield:
-    """Outermost ASGI app: arrival context, routes, methods, body-length cap."""
+    """Outermost ASGI app: arrival context, routes, methods, header and body-length caps."""
 
-    def __init__(self, app: Any, routes: Iterable[str], *, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, routes: dict[str, type], *, max_header_bytes: int,
+                 max_body_bytes: int) -> None:
         self.app = app
-        self.routes = frozenset(f"/{r}" for r in routes)
+        self.routes = {f"/{name}": cls for name, cls in routes.items()}
+        self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.refused: collections.Counter = collections.Counter()
 
@@ -137,17 +141,30 @@ class Shield:
             await self.app(scope, receive, send)
             return
         request_context.begin(scope.get("state", {}).get("natix_arrival"))
-        if scope["path"] not in self.routes:
+        synapse_cls = self.routes.get(scope["path"])
+        if synapse_cls is None:
             await self._answer(send, 404, "unknown_route", "unknown route")
             return
         if scope["method"] != "POST":
             await self._answer(send, 405, "bad_method", "only POST is served")
             return
-        length = None
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                length = value
-                break
+        raw_headers = scope["headers"]
+        if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header_bytes:
+            await self._answer(send, 431, "headers_too_large",
+                               f"request headers over {self.max_header_bytes} bytes")
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+        try:  # what bittensor's middleware does next; it answers a failure with 500
+            synapse_cls.from_headers(headers)
+        except (ValidationError, TypeError, ValueError):
+            await self._answer(send, 400, "bad_headers",
+                               "request headers do not parse into the synapse")
+            return
+        if headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            # The body is JSON whatever the caller said (FastAPI answers 500 otherwise).
+            scope = dict(scope, headers=[(k, v) for k, v in raw_headers if k != b"content-type"]
+                         + [(b"content-type", b"application/json")])
+        length = headers.get("content-length")
         if length is None:
             await self._answer(send, 411, "no_length", "a content-length is required")
             return
@@ -212,7 +229,8 @@ def harden(axon: Any, settings: MinerSettings) -> Shield:
     config.timeout_keep_alive = server.keep_alive_s
     config.limit_concurrency = server.max_connections
     config.h11_max_incomplete_event_size = server.max_header_bytes
-    shield = Shield(axon.app, list(axon.forward_class_types),
+    shield = Shield(axon.app, dict(axon.forward_class_types),
+                    max_header_bytes=server.max_header_bytes,
                     max_body_bytes=settings.decode.max_base64_chars + BODY_OVERHEAD_BYTES)
     config.app = shield
     return shield

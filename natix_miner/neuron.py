@@ -491,6 +491,7 @@ async def serve_until(miner: Miner, stop: asyncio.Event,
             try:
                 await asyncio.wait_for(stop.wait(), timeout=health_every_s)
             except asyncio.TimeoutError:
+                memory.trim()  # hand pages freed since the last health line back to the OS
                 logger.info("health: {}", miner.stats())
     finally:
         await miner.stop()

@@ -125,8 +125,8 @@ class ServerSettings:
     keep_alive_s: float = 5.0
     # Open connections (plus requests in flight) beyond which new requests get 503.
     max_connections: int = 512
-    # Largest header block accepted (bittensor's dendrite sends about 2 KB); more gets 400.
-    max_header_bytes: int = 16384
+    # Largest header block accepted (bittensor's dendrite sends about 2 KB); more gets 431.
+    max_header_bytes: int = 8192
 
     def validate(self, source: str, prefix: str) -> None:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):

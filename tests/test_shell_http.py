@@ -133,15 +133,14 @@ async def test_a_body_over_the_cap_is_refused_before_it_is_read(world):
     ("[1, 2, 3]", "application/json", 400),
     ("", "application/json", 400),
     ('{"image": 12345, "prediction": "high"}', "application/json", 422),
-    (None, None, 400),  # the right JSON, no content type
+    (None, None, 422),  # undecodable bytes, no content type: read as JSON all the same
     ("{not json", "application/json", 422),  # FastAPI's own json_invalid answer
 ])
 async def test_signed_but_malformed_bodies_get_400_or_422(world, body, content_type, status):
     headers, syn = signed_headers(world)
     if body is None:
         body = json.dumps(syn.model_dump())
-        body = body.replace('"image"', '"image_x"')  # still an object; image missing is fine...
-        body = "\x00" + body  # ...so make the bytes undecodable JSON, with no content type
+        body = "\x00" + body  # not JSON
     headers.pop("content-type", None)
     if content_type:
         headers["content-type"] = content_type
@@ -149,6 +148,25 @@ async def test_signed_but_malformed_bodies_get_400_or_422(world, body, content_t
     got, text = await post(world, "/ImageSynapse", headers, body.encode())
     assert got == status, text
     assert world["miner"].forward_calls == before
+
+
+async def test_a_valid_body_without_content_type_is_answered(world):
+    headers, syn = signed_headers(world)
+    headers.pop("content-type", None)
+    got, text = await post(world, "/ImageSynapse", headers, json.dumps(syn.model_dump()).encode())
+    assert got == 200 and 0.0 <= json.loads(text)["prediction"] <= 1.0
+
+
+@pytest.mark.parametrize("header,value,status", [
+    ("bt_header_dendrite_nonce", "abc", 400),     # bittensor: SynapseParsingError -> 500
+    ("bt_header_dendrite_hotkey", "5" * 12_000, 431),  # arrives in one piece: h11 lets it through
+])
+async def test_headers_that_do_not_parse_or_are_too_large_are_refused(world, header, value, status):
+    headers, syn = signed_headers(world)
+    headers[header] = value
+    before = world["miner"].forward_calls
+    got, _ = await post(world, "/ImageSynapse", headers, json.dumps(syn.model_dump()).encode())
+    assert got == status and world["miner"].forward_calls == before
 
 
 async def test_a_body_that_is_not_the_signed_one_gets_400(world):
