@@ -104,6 +104,8 @@ async def test_base_synapse_route_is_gone_and_leaves_no_nonce_behind(world, make
         status, _ = await post(world, "/Synapse", syn.to_headers(), json.dumps(syn.model_dump()))
         assert status == 404
     assert miner.axon.nonces == {} and miner.forward_calls == before
+    await test_a_well_formed_request_still_gets_an_answer(world)
+    assert miner.axon.nonces == {}  # our verify replaces bittensor's: its table never grows
 
 
 @pytest.mark.parametrize("method,path,status", [("GET", "/ImageSynapse", 405), ("GET", "/docs", 404),
@@ -340,3 +342,44 @@ def test_clip_and_bittensor_per_request_lines_are_quiet():
     long = logging.LogRecord("bittensor", logging.ERROR, "axon.py", 1, "y" * 70000, None, None)
     assert logging.getLogger("bittensor").filters[-1].filter(long)
     assert len(long.getMessage()) < 700
+
+
+# ----- what the signature covers (issue 11 item 10) ---------------------------------------------
+
+HASHED = CONFIG.replace("  guard: {rate_limit_per_minute: 0}",
+                        "  guard: {rate_limit_per_minute: 0}\n  synapse_hash_fields: [image]")
+
+
+@pytest.fixture(scope="module")
+def hashed(tmp_path_factory):
+    w = start_miner(tmp_path_factory.mktemp("hashed"), HASHED, "hashed")
+    yield w
+    w["runner"].stop()
+
+
+async def _swap_image_after_signing(w, cls) -> int:
+    headers, syn = signed_headers(w, cls(image=jpeg_b64()))
+    body = syn.model_dump()
+    body["image"] = jpeg_b64((96, 96))  # a different picture, headers (and signature) untouched
+    status, _ = await post(w, "/ImageSynapse", headers, json.dumps(body).encode())
+    return status
+
+
+async def test_sn72s_signature_does_not_cover_the_image(world):
+    # The subnet's ImageSynapse hashes no field: a body swapped in transit is still answered.
+    assert await _swap_image_after_signing(world, ImageSynapse) == 200
+
+
+async def test_the_hash_fields_revision_setting_covers_the_image(hashed):
+    from natix_miner.protocol import synapse_class
+
+    Hashed = synapse_class(ImageSynapse, ["image"])
+    assert Hashed.__name__ == "ImageSynapse" and Hashed.required_hash_fields == ("image",)
+    headers, syn = signed_headers(hashed, Hashed(image=jpeg_b64()))
+    status, _ = await post(hashed, "/ImageSynapse", headers, json.dumps(syn.model_dump()).encode())
+    assert status == 200
+    assert await _swap_image_after_signing(hashed, Hashed) == 400
+    # Why it is off by default: a validator whose synapse hashes nothing is refused.
+    headers, syn = signed_headers(hashed, ImageSynapse(image=jpeg_b64()))
+    status, _ = await post(hashed, "/ImageSynapse", headers, json.dumps(syn.model_dump()).encode())
+    assert status == 400
