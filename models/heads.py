@@ -126,7 +126,11 @@ def load_head(path: Path) -> Head:
     kind = meta.get("kind")
     if kind not in HEAD_KINDS:
         raise ValueError(f"{meta_file}: key 'kind': expected one of {HEAD_KINDS}, got {kind!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt: RuntimeError, EOFError, OSError(22), ...
+        raise ValueError(f"{path}: cannot read the head tensors ({type(exc).__name__}: "
+                         f"{str(exc)[:160]}); the file is truncated or corrupt, train it again") from None
     arrays = {k: v.numpy().astype(np.float32) for k, v in state.items()}
     needed = ("w", "b") if kind == "logistic" else ("w1", "b1", "w2", "b2")
     missing = [k for k in ("mean", "std", *needed) if k not in arrays]

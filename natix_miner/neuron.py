@@ -7,9 +7,18 @@ Threads and loops, because they decide whether one slow image stalls every valid
   with `run_coroutine_threadsafe` and awaits the answer, so the axon loop only ever awaits.
 - decoding (base64 + Pillow) runs in a small thread pool, also off the axon loop.
 
-Every admitted request is answered with a number in [0, 1]: a decode failure, an engine error
-or a blown deadline gives `engine.fallback_probability`, and is logged with the caller's hotkey
-and counted. The reply carries no image (`image` is cleared), only the prediction.
+The answer budget (`engine.deadline_ms`) runs from the request's ARRIVAL, stamped by the HTTP
+layer when its first byte reached the process (`natix_miner.axon_server`), not from forward
+entry: time spent in the axon's queue, the guard or a re-sync wait is already spent. A request
+that reaches the forward with less than `min_engine_budget_ms` left, or that waits in the
+admission gate (`max_concurrent_forwards`, highest stake first) until it has, gets the fallback
+at once; decode gets `decode.timeout_ms` of what is left; the engine gets the rest as
+`engine.predict(image, deadline_s=remaining)`.
+
+Every admitted request is answered with a number in [0, 1]: a decode failure, an engine error,
+a shed request or a blown deadline gives `engine.fallback_probability`, and is logged with the
+caller's hotkey (verified by the guard, clipped) and counted. The reply carries no image
+(`image` is cleared), only the prediction.
 
 `--local` runs the same neuron without a chain: the named wallet (a throwaway one when no
 `--wallet.*` flag names one), the axon bound to 127.0.0.1, and a guard that admits only the
@@ -39,9 +48,12 @@ from loguru import logger
 from cascade.config import CascadeConfig, TierSpec
 from cascade.errors import MissingArtifactError
 from cascade.tier import Tier
+from natix_miner import axon_server, memory, request_context
 from natix_miner import guard as guard_mod
+from natix_miner.admission import AdmissionGate
 from natix_miner.decode import DecodeError, decode_image
-from natix_miner.protocol import ExtendedImageSynapse, ImageSynapse
+from natix_miner.logsafe import clip, quiet_bittensor_axon
+from natix_miner.protocol import ExtendedImageSynapse, ImageSynapse, synapse_class
 from natix_miner.request_log import RequestLog, short_hotkey
 from natix_miner.settings import MinerSettings
 
@@ -136,9 +148,13 @@ class Miner:
         self.subtensor: Any = subtensor
         self.metagraph: Any = None
         self.guard: Optional[guard_mod.Guard] = None
+        self.metagraph_sync: Optional[guard_mod.MetagraphSync] = None
+        self.shield: Optional[axon_server.Shield] = None
+        self.gate = AdmissionGate(settings.max_concurrent_forwards)
         self.counters: collections.Counter = collections.Counter()
         self.forward_calls = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        memory.tune_malloc(settings.malloc_arena_max)  # before the decode and tier threads exist
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                                thread_name_prefix="decode")
         self._tmpdir: Optional[str] = None
@@ -242,6 +258,11 @@ class Miner:
         else:
             view = await asyncio.to_thread(self._connect_chain)
         self.guard = guard_mod.Guard(self._guard_settings(), self.hotkey, view)
+        if not self.options.local:
+            self.metagraph_sync = guard_mod.MetagraphSync(
+                self._sync_metagraph, self.guard,
+                min_interval_s=self.settings.guard.resync_min_interval_s,
+                alert_after=self.settings.metagraph_fail_alert)
         o = self.options
         probe_host = "0.0.0.0" if self.bind_host == "::" else self.bind_host
         if not port_is_free(probe_host, o.axon_port):  # before minutes of model loading
@@ -257,9 +278,14 @@ class Miner:
                             external_ip=external_ip, external_port=o.axon_external_port,
                             max_workers=o.axon_max_workers)
         self.axon.fast_config.host = self.bind_host
-        guard_mod.attach(self.axon, self.forward, self.guard, ImageSynapse)
+        axon_server.prepare(self.axon)
+        hashed = self.settings.synapse_hash_fields
+        guard_mod.attach(self.axon, self.forward, self.guard, synapse_class(ImageSynapse, hashed))
         if self.settings.extended_synapse:
-            guard_mod.attach(self.axon, self.forward_extended, self.guard, ExtendedImageSynapse)
+            guard_mod.attach(self.axon, self.forward_extended, self.guard,
+                             synapse_class(ExtendedImageSynapse, hashed))
+        self.shield = axon_server.harden(self.axon, self.settings)
+        self._bt_dropped = quiet_bittensor_axon()
         self.axon.start()
         await self._wait_listening()
         if not o.local:  # announce only an endpoint that already answers
@@ -284,21 +310,24 @@ class Miner:
                 await asyncio.sleep(0.05)
         raise TimeoutError(f"axon did not start listening on {self.address} within {timeout_s} s")
 
+    def _sync_metagraph(self) -> guard_mod.MetagraphView:
+        """One blocking re-sync (run by `MetagraphSync` on its own thread)."""
+        self.metagraph.sync(subtensor=self.subtensor)
+        view = guard_mod.MetagraphView.from_metagraph(self.metagraph)
+        logger.info("metagraph re-synced: {} hotkeys, {} validators", len(view), view.validators)
+        return view
+
     async def _resync_forever(self) -> None:
-        """Re-sync the metagraph off the loop; a failed sync keeps the last good snapshot."""
+        """Periodic re-syncs; failures are counted and reported by `MetagraphSync`."""
         while True:
             await asyncio.sleep(self.settings.metagraph_resync_s)
+            future = self.metagraph_sync.request(early=False)
             try:
-                await asyncio.to_thread(self.metagraph.sync, subtensor=self.subtensor)
-                view = guard_mod.MetagraphView.from_metagraph(self.metagraph)
-                self.guard.update(view)
-                logger.info("metagraph re-synced: {} hotkeys, {} validators; {}", len(view),
-                            view.validators, self.stats())
+                await asyncio.wrap_future(future)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the chain being away must not stop serving
-                self.counters["resync_failed"] += 1
-                logger.warning("metagraph re-sync failed (keeping the last snapshot): {}", exc)
+            except Exception:  # noqa: BLE001 - already logged; the last snapshot stays
+                pass
 
     async def _summary_forever(self) -> None:
         """`miner.request_log: summary`: one line per period, also when nothing came in."""
@@ -310,7 +339,7 @@ class Miner:
         """Refusal counts by reason: the guard's, plus the HTTP layer's (`http_<reason>`) where
         the neuron has one (an attribute `shield` with a `refused` counter)."""
         out = dict((self.guard.stats().get("refused") or {}) if self.guard is not None else {})
-        shield = getattr(self, "shield", None)
+        shield = self.shield
         for reason, count in (dict(getattr(shield, "refused", None) or {})).items():
             out[f"http_{reason}"] = count
         return out
@@ -340,6 +369,8 @@ class Miner:
                 logger.warning("engine stop failed: {}", exc)
             self.engine = None
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.metagraph_sync is not None:
+            self.metagraph_sync.close()
         if self._telemetry is not None:
             self._telemetry.close()
         if self.subtensor is not None:
@@ -367,7 +398,9 @@ class Miner:
         self._m_latency = Histogram("forward_seconds", "Forward latency, decode included",
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 9),
                                     namespace="natix_miner", registry=registry)
-        registry.register(_GuardCollector(self))
+        from natix_miner.shell_metrics import ShellCollector
+
+        registry.register(ShellCollector(self))  # guard, HTTP, admission and metagraph figures
         # The standard process_* (CPU, memory, open fds), python_info and python_gc_* metrics.
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -393,41 +426,45 @@ class Miner:
         finally:
             future.cancel()
 
+    async def _decode(self, data: str, timeout_s: float) -> tuple[Any, str, str]:
+        """(image, "ok", "") or (None, outcome, detail); a decode is not waited for past `timeout_s`."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, decode_image, data, self.settings.decode)
+        try:
+            return await asyncio.wait_for(future, timeout=max(0.001, timeout_s)), "ok", ""
+        except DecodeError as exc:
+            return None, f"decode_{exc.reason}", exc.detail
+        except asyncio.TimeoutError:
+            return None, "decode_timeout", f"not decoded within {timeout_s:.2f} s"
+
     async def forward(self, synapse: ImageSynapse) -> ImageSynapse:
         """Decode off the loop, ask the engine, answer a valid probability no matter what."""
+        ctx = request_context.current()
         t0 = time.monotonic()
+        arrival = ctx.arrival if ctx is not None else t0
         self.forward_calls += 1
-        hotkey = synapse.dendrite.hotkey if synapse.dendrite is not None else None
+        claimed = synapse.dendrite.hotkey if synapse.dendrite is not None else None
+        hotkey = clip(ctx.hotkey if ctx is not None and ctx.hotkey else claimed)
         budget = self.cascade.engine.deadline_ms / 1000.0
         if synapse.timeout:
             budget = min(budget, max(0.5, float(synapse.timeout) - 1.5))
+        deadline = arrival + budget
+        floor = self.settings.min_engine_budget_ms / 1000.0
         fallback = self.cascade.engine.fallback_probability
         prediction, outcome = fallback, "ok"
-        try:
-            image = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, decode_image, synapse.image, self.settings.decode)
-        except DecodeError as exc:
-            outcome = f"decode_{exc.reason}"
-            logger.warning("undecodable image from {}: {}", hotkey, exc)
-        except Exception as exc:  # noqa: BLE001 - never let a request crash the neuron
-            outcome = "decode_error"
-            logger.exception("decode crashed on a request from {}: {}", hotkey, exc)
+        if deadline - t0 < floor:
+            outcome = "shed_late"
+            logger.debug("request from {} reached the forward {:.2f} s after arrival; answering {}",
+                         hotkey, t0 - arrival, fallback)
+        elif not await self.gate.acquire(ctx.stake if ctx is not None else 0.0,
+                                         deadline - floor - time.monotonic()):
+            outcome = "shed_busy"
+            logger.debug("no engine slot for {} inside its budget; answering {}", hotkey, fallback)
         else:
-            remaining = budget - (time.monotonic() - t0)
             try:
-                result = await asyncio.wait_for(self._predict(image, max(0.05, remaining)),
-                                                timeout=max(0.1, remaining + 0.25))
-                prediction = float(result.prob)
-                if getattr(result, "fallback", False):
-                    outcome = "engine_fallback"
-            except asyncio.TimeoutError:
-                outcome = "deadline"
-                logger.warning("engine missed the {:.2f} s budget for {}; answering {}", budget,
-                               hotkey, fallback)
-            except Exception as exc:  # noqa: BLE001
-                outcome = "engine_error"
-                logger.error("engine failed on a request from {}: {}: {}", hotkey,
-                             type(exc).__name__, exc)
+                prediction, outcome = await self._answer(synapse, hotkey, deadline, floor, fallback)
+            finally:
+                self.gate.release()
         if not (isinstance(prediction, float) and math.isfinite(prediction)
                 and 0.0 <= prediction <= 1.0):
             logger.error("engine answered {!r} for {}; replacing with {}", prediction, hotkey, fallback)
@@ -439,13 +476,41 @@ class Miner:
         if self._telemetry is not None:
             self._m_requests.labels(outcome).inc()
             self._m_latency.observe(elapsed)
-        self.request_log.answered(self._caller(hotkey), outcome, prediction, elapsed)
+        # what the validator waits for: from the first byte the process saw, not from forward entry
+        self.request_log.answered(self._caller(hotkey), outcome, prediction, time.monotonic() - arrival)
         return synapse
 
     def _caller(self, hotkey: Optional[str]) -> str:
         """`uid 12 5FHneW…694ty`, or the short hotkey alone for a caller off the metagraph."""
         info = self.guard.view.get(hotkey) if self.guard is not None and hotkey else None
         return f"uid {info.uid} {short_hotkey(hotkey)}" if info is not None else short_hotkey(hotkey)
+
+    async def _answer(self, synapse: ImageSynapse, hotkey: str, deadline: float, floor: float,
+                      fallback: float) -> tuple[float, str]:
+        """Decode, then the engine with what is left of the budget (holding an engine slot)."""
+        decode_s = min(self.settings.decode.timeout_ms / 1000.0, deadline - floor - time.monotonic())
+        try:
+            image, outcome, detail = await self._decode(synapse.image, decode_s)
+        except Exception as exc:  # noqa: BLE001 - never let a request crash the neuron
+            logger.exception("decode crashed on a request from {}: {}", hotkey, clip(str(exc), 200))
+            return fallback, "decode_error"
+        if image is None:
+            logger.warning("undecodable image from {}: {}: {}", hotkey, outcome, clip(detail, 200))
+            return fallback, outcome
+        remaining = deadline - time.monotonic()
+        if remaining < floor:
+            return fallback, "shed_late"
+        try:
+            result = await asyncio.wait_for(self._predict(image, remaining), timeout=remaining + 0.25)
+        except asyncio.TimeoutError:
+            logger.warning("engine missed the {:.2f} s left for {}; answering {}", remaining,
+                           hotkey, fallback)
+            return fallback, "deadline"
+        except Exception as exc:  # noqa: BLE001
+            logger.error("engine failed on a request from {}: {}: {}", hotkey, type(exc).__name__,
+                         clip(str(exc), 200))
+            return fallback, "engine_error"
+        return float(result.prob), "engine_fallback" if getattr(result, "fallback", False) else "ok"
 
     async def forward_extended(self, synapse: ExtendedImageSynapse) -> ExtendedImageSynapse:
         """The `ExtendedImageSynapse` route: the same answer, plus the configured model URL."""
@@ -454,32 +519,13 @@ class Miner:
         return synapse
 
     def stats(self) -> dict[str, Any]:
-        return {"forward_calls": self.forward_calls, "outcomes": dict(self.counters),
-                "guard": self.guard.stats() if self.guard else {}}
-
-
-class _GuardCollector:
-    """`natix_miner_refusals_total{reason}` and `natix_miner_admitted_total`, read from the
-    guard's (and HTTP layer's) own counters at scrape time, so every reason counted is exported."""
-
-    def __init__(self, miner: Miner) -> None:
-        self._miner = miner
-
-    def describe(self) -> list:
-        return []
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        guard = self._miner.guard
-        stats = guard.stats() if guard is not None else {}
-        refused = CounterMetricFamily("natix_miner_refusals", "Requests refused before an answer, "
-                                      "by reason (http_* = the HTTP layer)", labels=["reason"])
-        for reason, count in sorted(self._miner._refusals().items()):
-            refused.add_metric([str(reason)], float(count))
-        yield refused
-        yield CounterMetricFamily("natix_miner_admitted", "Requests the guard admitted",
-                                  value=float(stats.get("admitted", 0)))
+        out = {"forward_calls": self.forward_calls, "outcomes": dict(self.counters),
+               "guard": self.guard.stats() if self.guard else {}, "admission": self.gate.stats(),
+               "http_refused": dict(self.shield.refused) if self.shield is not None else {},
+               "memory": memory.snapshot()}
+        if self.metagraph_sync is not None:
+            out["metagraph"] = self.metagraph_sync.stats()
+        return out
 
 
 async def serve_until(miner: Miner, stop: asyncio.Event,
@@ -505,6 +551,7 @@ async def serve_until(miner: Miner, stop: asyncio.Event,
             try:
                 await asyncio.wait_for(stop.wait(), timeout=health_every_s)
             except asyncio.TimeoutError:
+                memory.trim()  # hand pages freed since the last health line back to the OS
                 logger.info("health: {}", miner.stats())
     finally:
         await miner.stop()

@@ -33,3 +33,20 @@ class ExtendedImageSynapse(ImageSynapse):
     model_url: str = ""
     # Free-text reason for a roadwork answer (asked for by one revision; empty when unknown).
     explanation: str = ""
+
+
+def synapse_class(base: type, hash_fields: "tuple[str, ...] | list[str]" = ()) -> type:
+    """`base`, or a subclass of the same name (so the same route) whose signature covers
+    `hash_fields` (`required_hash_fields`): the revision setting `miner.synapse_hash_fields`.
+
+    SN72's validators send `ImageSynapse` with no hashed fields, so the default is `base` itself;
+    a miner that demanded a hashed image alone would see every body hash mismatch."""
+    fields = tuple(hash_fields)
+    if not fields:
+        return base
+    unknown = [f for f in fields if f not in base.model_fields]
+    if unknown:
+        raise ValueError(f"{base.__name__} has no field(s) {unknown} to hash")
+    return type(base.__name__, (base,), {"required_hash_fields": fields,
+                                         "__module__": base.__module__,
+                                         "__doc__": base.__doc__})

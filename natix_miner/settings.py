@@ -33,11 +33,24 @@ class DecodeSettings:
     max_pixels: int = 40_000_000
     # Accepted container formats, as Pillow names them.
     formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
+    # Long side the tiers need at most. A larger JPEG is decoded with DCT scaling (1/2, 1/4 or
+    # 1/8, almost free) to the smallest scale whose long side is still >= this; 0 = always full size.
+    max_side: int = 2048
+    # Memory one decode may take: the decoded pixels (after DCT scaling) x bytes per pixel,
+    # checked from the header before any pixel is decoded. Over it: refused as too_many_pixels.
+    max_decoded_mib: int = 192
+    # Time one decode may take; past it the request gets the fallback answer at once (the decode
+    # thread finishes on its own). Also capped by the request's remaining answer budget.
+    timeout_ms: float = 2000.0
 
     def validate(self, source: str, prefix: str) -> None:
-        for name in ("max_base64_chars", "max_bytes", "max_pixels"):
+        for name in ("max_base64_chars", "max_bytes", "max_pixels", "max_decoded_mib"):
             if getattr(self, name) < 1:
                 raise ConfigError(source, f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.max_side != 0 and self.max_side < 64:
+            raise ConfigError(source, f"{prefix}.max_side", "0 (off) or an integer >= 64", self.max_side)
+        if not self.timeout_ms > 0:
+            raise ConfigError(source, f"{prefix}.timeout_ms", "a number > 0", self.timeout_ms)
         known = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
         for i, fmt in enumerate(self.formats):
             if fmt not in known:
@@ -64,8 +77,32 @@ class GuardSettings:
     allow_hotkeys: list[str] = field(default_factory=list)
     # Hotkeys (ss58) always refused.
     deny_hotkeys: list[str] = field(default_factory=list)
+    # Freshness from the SIGNED nonce (the dendrite's send time in ns), not from the unsigned
+    # `timeout` header: a request signed longer ago than this plus `clock_skew_s`, or more than
+    # `clock_skew_s` in the future, is refused, and each nonce is accepted once. Validators wait 9 s.
+    max_request_age_s: float = 9.0
+    # Allowed difference between the validator's clock and ours, each way (bittensor allows 4 s).
+    clock_skew_s: float = 5.0
+    # A caller refused as unregistered or without a permit triggers an early metagraph re-sync
+    # (it may have gained its permit since the last sync), at most one per this many seconds.
+    resync_min_interval_s: float = 60.0
+    # How long such a refusal waits for that re-sync before it is answered with the old view.
+    resync_wait_s: float = 2.0
+    # Refusals are logged once per caller and reason per period (always counted) ...
+    refusal_log_period_s: float = 600.0
+    # ... and at most this many distinct lines per period (then one summary line).
+    refusal_log_lines: int = 50
 
     def validate(self, source: str, prefix: str) -> None:
+        for name in ("max_request_age_s", "resync_min_interval_s", "refusal_log_period_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(source, f"{prefix}.{name}", "a number > 0", getattr(self, name))
+        for name in ("clock_skew_s", "resync_wait_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(source, f"{prefix}.{name}", "a number >= 0", getattr(self, name))
+        if self.refusal_log_lines < 0:
+            raise ConfigError(source, f"{prefix}.refusal_log_lines", "an integer >= 0",
+                              self.refusal_log_lines)
         if self.min_stake < 0:
             raise ConfigError(source, f"{prefix}.min_stake", "a number >= 0", self.min_stake)
         if self.rate_limit_per_minute < 0:
@@ -75,6 +112,34 @@ class GuardSettings:
             for i, hk in enumerate(getattr(self, key)):
                 if not _looks_like_ss58(hk):
                     raise ConfigError(source, f"{prefix}.{key}[{i}]", "an ss58 address", hk)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The axon's HTTP server: what a slow, oversized or malformed request may cost."""
+
+    # Seconds a connection may take to deliver a request's headers (from connecting, or from the
+    # previous answer on a kept-alive connection); then it is closed.
+    header_timeout_s: float = 5.0
+    # Seconds the body may take after the headers; then 408 and the connection is closed.
+    body_timeout_s: float = 8.0
+    # Seconds an idle kept-alive connection stays open.
+    keep_alive_s: float = 5.0
+    # Open connections (plus requests in flight) beyond which new requests get 503.
+    max_connections: int = 512
+    # Largest header block accepted (bittensor's dendrite sends about 2 KB); more gets 431.
+    max_header_bytes: int = 8192
+
+    def validate(self, source: str, prefix: str) -> None:
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(source, f"{prefix}.{name}", "a number > 0", getattr(self, name))
+        if self.max_connections < 1:
+            raise ConfigError(source, f"{prefix}.max_connections", "an integer >= 1",
+                              self.max_connections)
+        if self.max_header_bytes < 4096:
+            raise ConfigError(source, f"{prefix}.max_header_bytes", "an integer >= 4096",
+                              self.max_header_bytes)
 
 
 @dataclass(frozen=True)
@@ -95,13 +160,31 @@ class MinerSettings:
     log_summary_s: float = 60.0
     # Threads that decode images off the event loop.
     decode_threads: int = 2
+    # glibc malloc arenas for the whole process (each thread otherwise gets its own, up to 8
+    # per core, and keeps the big buffers it freed); also pins the mmap threshold so big
+    # buffers go back to the OS. 0 = glibc's defaults.
+    malloc_arena_max: int = 2
     # Also serve the `ExtendedImageSynapse` route (same forward and guard) for subnet revisions
     # whose validators send that class instead of `ImageSynapse`.
     extended_synapse: bool = True
     # Returned as `model_url` in ExtendedImageSynapse answers (your model's Hugging Face URL).
     model_url: str = ""
+    # Revision setting: body fields the signature must cover (`required_hash_fields` of the
+    # synapse). SN72's validators hash none, so the image is not signed; set [image] only when
+    # the subnet's validators do too, or every request is refused (400, body hash mismatch).
+    synapse_hash_fields: list[str] = field(default_factory=list)
+    # Consecutive failed metagraph re-syncs after which health, logs and metrics say the guard's
+    # view is stale.
+    metagraph_fail_alert: int = 3
+    # Requests answered by the engine at once; more wait, the highest-stake caller first, and a
+    # waiter whose budget runs out gets the fallback answer. 0 = no limit (no stake priority).
+    max_concurrent_forwards: int = 32
+    # A request with less answer budget than this left (measured from its arrival) gets the
+    # fallback answer at once instead of an engine call that cannot finish in time.
+    min_engine_budget_ms: float = 250.0
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def validate(self, source: str, prefix: str) -> None:
         if self.netuid < 0:
@@ -120,6 +203,23 @@ class MinerSettings:
         if self.log_summary_s <= 0:
             raise ConfigError(source, f"{prefix}.log_summary_s", "a number of seconds > 0",
                               self.log_summary_s)
+        hashable = ("image", "testnet_label")
+        for i, name in enumerate(self.synapse_hash_fields):
+            if name not in hashable:
+                raise ConfigError(source, f"{prefix}.synapse_hash_fields[{i}]",
+                                  f"one of {list(hashable)}", name)
+        if self.malloc_arena_max < 0:
+            raise ConfigError(source, f"{prefix}.malloc_arena_max", "an integer >= 0 (0 = glibc default)",
+                              self.malloc_arena_max)
+        if self.metagraph_fail_alert < 1:
+            raise ConfigError(source, f"{prefix}.metagraph_fail_alert", "an integer >= 1",
+                              self.metagraph_fail_alert)
+        if self.max_concurrent_forwards < 0:
+            raise ConfigError(source, f"{prefix}.max_concurrent_forwards", "an integer >= 0 (0 = off)",
+                              self.max_concurrent_forwards)
+        if self.min_engine_budget_ms < 0:
+            raise ConfigError(source, f"{prefix}.min_engine_budget_ms", "a number >= 0",
+                              self.min_engine_budget_ms)
 
 
 def _looks_like_ss58(address: str) -> bool:

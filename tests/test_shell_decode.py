@@ -139,3 +139,52 @@ def test_small_pixel_cap_applies_to_real_images():
     with pytest.raises(DecodeError) as info:
         decode_image(encode(Image.new("RGB", (11, 10)), "PNG"), caps)
     assert info.value.reason == "too_many_pixels"
+
+
+# ----- decode only as large as the tiers need, inside a memory budget (issue 11 item 5) --------
+
+def _jpeg_bytes(size, quality=30) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 150)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_a_huge_jpeg_is_decoded_at_a_dct_scale_not_full_size():
+    raw = _jpeg_bytes((6000, 6600))  # the declared-size attack: tiny file, 40 MP of pixels
+    out = bytes_to_image(raw, DecodeSettings(max_side=2048))
+    assert out.size == (3000, 3300) and out.mode == "RGB"  # 1/2: the smallest scale >= 2048
+    assert bytes_to_image(raw, DecodeSettings(max_side=1024)).size == (1500, 1650)  # 1/4
+    assert bytes_to_image(raw, DecodeSettings(max_side=0, max_decoded_mib=1024)).size == (6000, 6600)
+
+
+def test_an_image_smaller_than_twice_max_side_keeps_its_size():
+    assert bytes_to_image(_jpeg_bytes((1360, 800)), DecodeSettings(max_side=1024)).size == (1360, 800)
+
+
+def test_decode_memory_budget_is_checked_before_decoding():
+    buf = io.BytesIO()
+    Image.new("RGBA", (3000, 3000), (0, 0, 0, 0)).save(buf, format="PNG")  # PNG: no DCT scaling
+    with pytest.raises(DecodeError) as info:
+        bytes_to_image(buf.getvalue(), DecodeSettings(max_decoded_mib=64))
+    assert info.value.reason == "too_many_pixels" and "MiB" in info.value.detail
+    # The same pixel count as a JPEG fits: it is decoded at a quarter of the pixels.
+    assert bytes_to_image(_jpeg_bytes((6000, 6000)), DecodeSettings(max_side=2048,
+                                                                   max_decoded_mib=64)).size == (3000, 3000)
+
+
+def test_16bit_images_stay_in_integer_arithmetic():
+    import tracemalloc
+
+    arr = np.full((1500, 2000), 32768, dtype=np.uint16)
+    arr[0, :3] = (65535, 255, 256)
+    raw = base64.b64decode(encode(Image.fromarray(arr), "PNG"))
+    tracemalloc.start()
+    try:
+        out = bytes_to_image(raw, CAPS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A float64 copy of 3 MP is 24 MB; the integer path holds the 6 MB uint16 view and a uint8.
+    assert peak < 12 * 2**20, peak
+    assert out.getpixel((0, 0))[0] == 255 and out.getpixel((1, 0))[0] == 0
+    assert out.getpixel((2, 0))[0] == 1 and out.getpixel((5, 5))[0] == 128

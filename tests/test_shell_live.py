@@ -154,5 +154,81 @@ async def test_telemetry_port_serves_engine_and_shell_metrics(tmp_path):
                 text = await r.text()
         assert 'natix_miner_requests_total{outcome="ok"} 1.0' in text
         assert "cascade_requests_total 1.0" in text
+        assert "natix_miner_guard_admitted_total 1.0" in text  # the shell's defences are exported
+    finally:
+        await asyncio.to_thread(runner.stop)
+
+
+class LateValidatorMetagraph(MetagraphStandIn):
+    """The validator registers (with its permit) after the miner's start-up sync."""
+
+    def __init__(self, miner_hotkey: str, validator_hotkey: str):
+        super().__init__([miner_hotkey], [0.0], [False])
+        self.validator_hotkey = validator_hotkey
+
+    def sync(self, subtensor=None, **_):
+        self.syncs += 1
+        self.hotkeys = [self.hotkeys[0], self.validator_hotkey]
+        self.S, self.validator_permit = np.array([0.0, 800.0]), np.array([False, True])
+
+
+async def test_a_validator_newer_than_the_last_sync_is_admitted_at_once(setup):
+    settings, cascade, miner_w, validator_w = setup
+    mg = LateValidatorMetagraph(miner_w.hotkey.ss58_address, validator_w.hotkey.ss58_address)
+    chain = ChainStandIn(True, mg)
+    port = _port()
+    import dataclasses
+
+    settings = dataclasses.replace(settings, metagraph_resync_s=600.0)  # no periodic sync in time
+    miner = Miner(settings, cascade, NeuronOptions(netuid=72, axon_port=port, axon_ip="127.0.0.1",
+                                                   axon_external_ip="127.0.0.1"),
+                  wallet=miner_w, subtensor=chain)
+    runner = await asyncio.to_thread(BackgroundMiner(miner).start, 60)
+    try:
+        resp = await _query(validator_w, miner, port)
+        assert resp.dendrite.status_code == 200 and 0.0 <= resp.prediction <= 1.0
+        assert mg.syncs == 1 and miner.stats()["metagraph"]["early_syncs"] == 1
+        assert miner.guard.refused.get("unregistered", 0) == 0
+    finally:
+        await asyncio.to_thread(runner.stop)
+
+
+class BrokenChainMetagraph(MetagraphStandIn):
+    def sync(self, subtensor=None, **_):
+        self.syncs += 1
+        raise ConnectionError("subtensor endpoint unreachable")
+
+
+async def test_a_metagraph_that_keeps_failing_is_reported_stale(setup, tmp_path):
+    import aiohttp
+
+    settings, cascade, miner_w, validator_w = setup
+    import dataclasses
+
+    tport = _port()
+    settings = dataclasses.replace(settings, metagraph_resync_s=0.05, metagraph_fail_alert=2,
+                                   telemetry_port=tport)
+    mg = BrokenChainMetagraph([miner_w.hotkey.ss58_address, validator_w.hotkey.ss58_address],
+                              [0.0, 10.0], [False, True])
+    port = _port()
+    miner = Miner(settings, cascade, NeuronOptions(netuid=72, axon_port=port, axon_ip="127.0.0.1",
+                                                   axon_external_ip="127.0.0.1"),
+                  wallet=miner_w, subtensor=ChainStandIn(True, mg))
+    runner = await asyncio.to_thread(BackgroundMiner(miner).start, 60)
+    try:
+        deadline = time.monotonic() + 5
+        while mg.syncs < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        health = miner.stats()["metagraph"]
+        assert health["state"] == "stale" and health["consecutive_failures"] >= 2
+        assert "unreachable" in health["last_error"]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{tport}/metrics") as r:
+                text = await r.text()
+        assert "natix_miner_metagraph_stale 1.0" in text
+        assert 'natix_miner_metagraph_resyncs_total{result="failed"}' in text
+        # The last good snapshot still serves.
+        resp = await _query(validator_w, miner, port)
+        assert resp.dendrite.status_code == 200
     finally:
         await asyncio.to_thread(runner.stop)

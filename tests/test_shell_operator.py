@@ -316,8 +316,8 @@ async def test_metrics_export_refusals_answers_tiers_and_process(tmp_path):
         await asyncio.to_thread(runner.stop)
         logger.remove(sink)
     assert 'natix_miner_requests_total{outcome="ok"} 1.0' in text          # answers by outcome
-    assert "natix_miner_refusals_total{reason=" in text                     # refusals by reason
-    assert "natix_miner_admitted_total 1.0" in text
+    assert "natix_miner_guard_refusals_total{reason=" in text               # refusals by reason
+    assert "natix_miner_guard_admitted_total 1.0" in text
     assert 'cascade_tier_latency_seconds_count{tier="hazard_cues.v1"} 1.0' in text
     assert 'cascade_tier_breaker_state{tier="hazard_cues.v1"} 0.0' in text
     assert "process_cpu_seconds_total" in text and "process_resident_memory_bytes" in text

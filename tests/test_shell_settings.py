@@ -18,6 +18,7 @@ def test_defaults_are_the_subnet_facts():
     assert s.netuid == DEFAULT_NETUID == 72
     assert s.guard.verify_signature and s.guard.require_validator_permit
     assert s.telemetry_port is None
+    assert s.synapse_hash_fields == []  # SN72's validators hash no field: off by default
 
 
 def test_engine_deadline_must_leave_the_validators_9_s(tmp_path):
@@ -46,6 +47,19 @@ def test_shipped_cpu_config_loads_both_slices():
     ({"guard": {"rate_limit_per_minute": -3}}, "miner.guard.rate_limit_per_minute"),
     ({"decode": {"max_pixels": 0}}, "miner.decode.max_pixels"),
     ({"decode": {"formats": ["JPEG", "HEIC"]}}, "miner.decode.formats[1]"),
+    ({"decode": {"max_side": 10}}, "miner.decode.max_side"),
+    ({"decode": {"timeout_ms": 0}}, "miner.decode.timeout_ms"),
+    ({"decode": {"max_decoded_mib": 0}}, "miner.decode.max_decoded_mib"),
+    ({"guard": {"clock_skew_s": -1}}, "miner.guard.clock_skew_s"),
+    ({"guard": {"max_request_age_s": 0}}, "miner.guard.max_request_age_s"),
+    ({"guard": {"resync_min_interval_s": 0}}, "miner.guard.resync_min_interval_s"),
+    ({"server": {"header_timeout_s": 0}}, "miner.server.header_timeout_s"),
+    ({"server": {"max_header_bytes": 100}}, "miner.server.max_header_bytes"),
+    ({"server": {"max_connections": 0}}, "miner.server.max_connections"),
+    ({"synapse_hash_fields": ["prediction"]}, "miner.synapse_hash_fields[0]"),
+    ({"metagraph_fail_alert": 0}, "miner.metagraph_fail_alert"),
+    ({"max_concurrent_forwards": -1}, "miner.max_concurrent_forwards"),
+    ({"malloc_arena_max": -1}, "miner.malloc_arena_max"),
 ])
 def test_errors_name_file_and_key(data, key):
     with pytest.raises(ConfigError) as info:
