@@ -157,7 +157,8 @@ class MinerProcess:
             self._out.seek(0)
             for line in self._out.read().splitlines():
                 if line.startswith("miner ready:"):
-                    self.hotkey = line.split("hotkey", 1)[1].strip()
+                    # "miner ready: axon ADDR hotkey SS58 [(where the keys came from)]"
+                    self.hotkey = line.split("hotkey", 1)[1].split()[0]
                     return
             time.sleep(0.2)
         raise TimeoutError(f"miner not ready after {timeout_s} s; see {self.log}")
