@@ -470,13 +470,13 @@ def default_cache_path(cfg: Any) -> Path:
 
 async def _engine_outputs(cfg: Any, samples: Sequence[Any], era: str, seed: int, *,
                           calibration: Any = None, with_cascade: bool, cache: Optional[TierCache],
-                          batch_size: int, progress: bool) -> Outputs:
+                          batch_size: int, progress: bool, tier_factory: Any = None) -> Outputs:
     from cascade.config import without_store
     from cascade.engine import CascadeEngine
     from models.registry import build_tier
 
     # labelled evaluation images must never land in the miner's store (and from there in training)
-    engine = CascadeEngine(without_store(cfg), build_tier, calibration=calibration)
+    engine = CascadeEngine(without_store(cfg), tier_factory or build_tier, calibration=calibration)
     await engine.start()
     try:
         return await collect(engine, samples, era, seed, with_cascade=with_cascade, cache=cache,
