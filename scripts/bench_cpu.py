@@ -133,8 +133,15 @@ def bench_tier(tier: Any, variants: dict[str, tuple[Any, str]], images: list, ro
                     call[name].append((t2 - t1) * 1000.0)
     finally:
         tier._onnx, tier._schedule = saved
+    whole: list[float] = []  # the same images without tiles: resize + one forward (fp32 / the tier's session)
+    if saved[0] is not None:
+        for im in images:
+            t0 = time.perf_counter()
+            saved[0](tier._to_array(im).transpose(2, 0, 1)[None])
+            whole.append((time.perf_counter() - t0) * 1000.0)
     crops = float(np.mean([len(x) for x in crops_of]))
     return {"crops_per_image": crops, "preprocess_ms": float(np.median(prep)),
+            "whole_image_only_ms": float(np.median(whole)) if whole else None,
             "network_ms": {k: float(np.median(v)) for k, v in net.items()},
             "tier_ms": {k: float(np.median(v)) for k, v in call.items()}}
 
@@ -247,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"{c:.1f}", f"{base_call / c:.2f}x"))
         print(fmt_table(f"\n{label}: {t['crops_per_image']:.0f} crops per image, preprocessing "
                         f"{t['preprocess_ms']:.1f} ms (in the tier call)", rows))
+        if t["whole_image_only_ms"] is not None:
+            print(f"  whole image only (tiles off), onnx fp32: {t['whole_image_only_ms']:.1f} ms (resize + network)")
 
     if not args.skip_cascade:
         casc = {}
