@@ -234,6 +234,10 @@ class RouterConfig:
     condition_margins: dict[str, float] = field(default_factory=dict)
     # Minimum number of tiers that must answer before the router may stop.
     min_tiers: int = 1
+    # Skip a tier that declares the range of what it can answer (`Tier.output_range`, e.g. the
+    # OCR tier) when no answer in that range could move the fused decision across the threshold:
+    # the emitted probability may differ a little, the validator's rounding of it cannot.
+    skip_if_decided: bool = True
 
     def validate(self, source: str, prefix: str) -> None:
         if not 0.0 < self.threshold < 1.0:

@@ -77,7 +77,8 @@ class CascadeResult:
     fused: Optional[float] = None  # fused calibrated probability before the threshold map
     deadline_hit: bool = False  # the deadline cut a tier still running
     # tier -> why it did not run for this request: breaker, budget (its model time does not
-    # fit), queue (its queue could not serve the request in time: shed), no_time
+    # fit), queue (its queue could not serve the request in time: shed), no_time, decided (no
+    # answer in the tier's output range could change the decision: `router.skip_if_decided`)
     skipped: dict[str, str] = field(default_factory=dict)
     shed: bool = False  # load shedding dropped a tier from this answer (a "queue" skip)
 
@@ -342,11 +343,17 @@ class CascadeEngine:
         fused: Optional[float] = None
         stopped_after: Optional[str] = None
         decision = POOLED
+        threshold: Optional[float] = None
 
         for runner in self._runners:
             remaining_ms = (deadline - time.monotonic()) * 1000.0
             if deadline_hit or remaining_ms <= 0:
                 skipped[runner.name] = "no_time"
+                continue
+            if cal and self.config.router.skip_if_decided and \
+                    self._cannot_flip(runner, cal, decision, threshold):
+                skipped[runner.name] = "decided"
+                self.telemetry.tier_skipped.labels(runner.name, "decided").inc()
                 continue
             reason, latency_probe = self._admission(runner, remaining_ms)
             if reason is None and not runner.allow():
@@ -403,6 +410,25 @@ class CascadeEngine:
         if self.store is not None and not fallback:
             self._maybe_store(image, result)
         return result
+
+    def _cannot_flip(self, runner: TierRunner, cal: dict[str, float], decision: str,
+                     threshold: Optional[float]) -> bool:
+        """Whether every answer in the tier's declared output range leaves the decision
+        (fused >= threshold) where it is now. Exact: per-tier calibration is monotone and the
+        fused probability is monotone in each tier's, so the range's two ends bound it."""
+        try:
+            rng = runner.tier.output_range()
+        except Exception:  # noqa: BLE001 - a broken declaration only costs the skip
+            return False
+        if rng is None:
+            return False
+        t = self.router.threshold if threshold is None else threshold
+        now = self._fuse(cal, decision) >= t
+        for p in rng:
+            with_it = {**cal, runner.name: self.calibration.calibrate(runner.name, float(p))}
+            if (self._fuse(with_it, decision) >= t) != now:
+                return False
+        return True
 
     def _admission(self, runner: TierRunner, remaining_ms: float) -> tuple[Optional[str], bool]:
         """(why the tier is skipped or None, whether it is asked as a latency probe).

@@ -50,7 +50,8 @@ class Telemetry:
                                          ["tier"], buckets=BATCH_BUCKETS, namespace=ns, registry=r)
         self.tier_skipped = Counter("tier_skipped", "Tier not run for a request, by reason (breaker; "
                                     "budget: its model time does not fit; queue: its queue could not "
-                                    "be served inside the request's budget, a shed, not a failure)",
+                                    "be served inside the request's budget, a shed, not a failure; decided: no answer it "
+                                    "can give would change the decision)",
                                     ["tier", "reason"], namespace=ns, registry=r)
         self.shed = Counter("shed", "Requests answered without a tier because its queue could not "
                             "serve them inside their budget (load shedding)", namespace=ns, registry=r)

@@ -96,6 +96,12 @@ class Tier(abc.ABC):
                 raise out
         return outputs
 
+    def output_range(self) -> Optional[tuple[float, float]]:
+        """(lowest, highest) probability this tier can return, where the backend knows a range
+        narrower than [0, 1]; the engine skips the tier when no answer in it could change the
+        decision (`router.skip_if_decided`). None: anything in [0, 1]."""
+        return None
+
     def memory_needs(self) -> MemoryNeeds:
         """What this backend knows about its memory beyond the YAML (called before `load`, so
         it must not touch the device); the default knows nothing more."""

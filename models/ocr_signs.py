@@ -311,6 +311,12 @@ class OcrSignTier(Tier):
         }
         return x, p, evidence
 
+    def output_range(self) -> tuple[float, float]:
+        """What `analyse` can answer: a prior without a match, 0.5 .. max_prob with one; the
+        engine skips the tier where nothing in this range could change the decision."""
+        o = self.options
+        return (min(o.prior_no_text, o.prior_unmatched, 0.5), max(o.prior_no_text, o.prior_unmatched, o.max_prob))
+
     def feature_names(self) -> list[str]:
         return list(FEATURE_NAMES)
 

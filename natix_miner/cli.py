@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "eval": "evaluate",
     "calibrate": "calibrate",
+    "quantize": "quantize",
     "store": "store",
     "plan": "plan",
     "models": "models_pull",

@@ -49,7 +49,8 @@ def test_eval_command_writes_the_report_plots_and_predictions(setup, tmp_path, c
                              "--out", str(tmp_path / "out"), "--no-progress"])
     assert args.func(args) == 0
     rep = json.loads((tmp_path / "e.json").read_text())
-    assert set(rep) == {"cascade", "tiers", "by_source", "by_era", "by_condition"}
+    assert set(rep) == {"cascade", "tiers", "by_source", "by_era", "by_condition", "tier_runs"}
+    assert rep["tier_runs"] == {"hazard_cues.handset": 1.0}  # the only tier: it always runs
     assert set(rep["cascade"]) == KEYS and rep["cascade"]["n"] == 10
     assert set(rep["tiers"]) == {"hazard_cues.handset"} and set(rep["tiers"]["hazard_cues.handset"]) == KEYS
     assert set(rep["by_source"]) == {"synthetic-0", "synthetic-1"}

@@ -131,6 +131,7 @@ class Outputs:
     conditions: list[dict[str, Any]] = field(default_factory=list)  # `estimate_conditions` per image
     decisions: list[str] = field(default_factory=list)  # which maps the cascade applied
     cascade_pooled: list[float] = field(default_factory=list)  # the cascade with pooled maps only
+    cascade_tiers: list[list[str]] = field(default_factory=list)  # tiers that answered in the cascade
 
     def array(self, name: str) -> np.ndarray:
         return np.asarray(getattr(self, name), dtype=np.float64)
@@ -146,7 +147,8 @@ class Outputs:
                        pick(self.levels), pick(self.cascade), pick(self.stopped_after),
                        {k: pick(v) for k, v in self.raw.items()},
                        {k: pick(v) for k, v in self.calibrated.items()},
-                       pick(self.conditions), pick(self.decisions), pick(self.cascade_pooled))
+                       pick(self.conditions), pick(self.decisions), pick(self.cascade_pooled),
+                       pick(self.cascade_tiers))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -232,6 +234,7 @@ async def collect(engine: Any, samples: Sequence[Any], era: str, seed: int, *,
                     res = await engine.predict(image)
                     out.cascade.append(float(res.prob))
                     out.stopped_after.append(str(getattr(res, "stopped_after", "")))
+                    out.cascade_tiers.append(sorted(getattr(res, "raw_probs", {}) or {}))
                     decision = str(getattr(res, "decision", POOLED))
                     out.decisions.append(decision)
                     pooled = res
@@ -322,7 +325,11 @@ def report(out: Outputs, *, seed: int = 0) -> dict[str, Any]:
                          for s in sorted(set(out.sources))},
            "by_era": {e: figures(casc[eras == e], y[eras == e], seed=seed)
                       for e in ch.ERAS if e in set(out.eras)},
-           "by_condition": {}}
+           "by_condition": {},
+           # share of images each tier answered for in the routed cascade (the router stops early
+           # and skips tiers that cannot change the decision)
+           "tier_runs": {n: float(np.mean([n in t for t in out.cascade_tiers]))
+                         for n in out.calibrated} if out.cascade_tiers else {}}
     if out.conditions and len(out.cascade_pooled) == len(casc):
         pooled = out.array("cascade_pooled")
         decisions = np.asarray(out.decisions, dtype=object)
@@ -363,6 +370,8 @@ def format_report(rep: dict[str, Any]) -> str:
             row(f"  condition {c}, own maps ({v['n_condition_maps']} img)", v["condition_aware"])
         else:
             row(f"  condition {c}", v["condition_aware"])
+    if rep.get("tier_runs"):
+        lines.append("tiers run by the cascade: " + ", ".join(f"{n} {v:.0%}" for n, v in rep["tier_runs"].items()))
     lines.append("MCC, acc, AUC at the data's label mix; ECE and reward at the validators' 50/50 "
                  "(reward: windows of 100 and 10 resampled from this data); '-': one label only")
     if by_cond and not any_maps:
@@ -470,13 +479,13 @@ def default_cache_path(cfg: Any) -> Path:
 
 async def _engine_outputs(cfg: Any, samples: Sequence[Any], era: str, seed: int, *,
                           calibration: Any = None, with_cascade: bool, cache: Optional[TierCache],
-                          batch_size: int, progress: bool) -> Outputs:
+                          batch_size: int, progress: bool, tier_factory: Any = None) -> Outputs:
     from cascade.config import without_store
     from cascade.engine import CascadeEngine
     from models.registry import build_tier
 
     # labelled evaluation images must never land in the miner's store (and from there in training)
-    engine = CascadeEngine(without_store(cfg), build_tier, calibration=calibration)
+    engine = CascadeEngine(without_store(cfg), tier_factory or build_tier, calibration=calibration)
     await engine.start()
     try:
         return await collect(engine, samples, era, seed, with_cascade=with_cascade, cache=cache,
