@@ -73,6 +73,8 @@ def test_train_command_writes_a_head_the_tier_then_uses(images, tmp_path):
     assert held["n"] == len([s for s in load_folder(images) if s.split == "val"])
     assert held["accuracy"] >= 0.75  # cones on roads are easy even for ImageNet features
     assert json.loads(report_file.read_text())[TIER]["head"] == str(head_file)
+    # head mode extracted its features with the serving runtime: its ONNX export is already there
+    assert spec.artifact("onnx/features.fp32.onnx").exists()
 
     tier = build_tier(spec)
     tier.load("cpu")

@@ -343,6 +343,11 @@ def run_training(config_path: Path, images: Path | Sequence[Path] = (), *, split
         dev = device or spec.device
         if mode == "head":
             tier.load_backbone(dev)
+            # Frozen features through the runtime that will serve them (ONNX Runtime for the
+            # EfficientNet tier on CPU: the same features to 1e-5, ~3x faster to extract).
+            start_runtime = getattr(tier, "start_runtime", None)
+            if callable(start_runtime):
+                start_runtime()
         else:
             tier.load_for_training(dev)
         try:
