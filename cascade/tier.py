@@ -142,6 +142,13 @@ class TrainableTier(Tier):
     def load_backbone(self, device: str) -> None:
         """Load only what `embed` needs (no trained head), for training."""
 
+    def load_for_features(self, device: str) -> None:
+        """Load what `embed` needs to extract head-training features, run the way serving runs
+        them; the default is `load_backbone`. A backend whose serving runtime differs from its
+        training framework (ONNX Runtime for EfficientNet-Lite) starts that runtime here, so a
+        head is fitted on the features it will be served, at serving speed."""
+        self.load_backbone(device)
+
     @abc.abstractmethod
     def fit_head(self, features: "Any", labels: Sequence[int], *, groups: "Any" = None,
                  seed: int = 0) -> dict[str, Any]:

@@ -259,6 +259,10 @@ class EfficientNetLiteTier(HeadMixin, FineTunable, TrainableTier):
         self.device = device
         self._weights = {"source": "pretrained", "path": pretrained_weights_file(self.defaults)}
 
+    def load_for_features(self, device: str) -> None:
+        self.load_backbone(device)
+        self.start_runtime()  # frozen ImageNet weights under the serving runtime: 4.5x faster here
+
     def load(self, device: str) -> None:
         # The head first: a missing head (or the fine-tuned backbone it names) fails fast,
         # before seconds of weight loading.

@@ -3,7 +3,7 @@
 The shell orchestrates data only: which images (folders, or Hugging Face datasets through
 `natix_miner.toolkit.hf_dataset`), which split, how many augmented copies, which tiers, which
 mode. How features are made and how a head is fitted belongs to the tier (`TrainableTier`:
-`load_backbone`, `embed`, `fit_head`, `head_probs`, `save_head`); how its backbone trains end to
+`load_for_features`, `embed`, `fit_head`, `head_probs`, `save_head`); how its backbone trains end to
 end belongs to it too (`models.finetunable.FineTunable`, driven by
 `natix_miner.toolkit.finetune`), so a new backbone family needs no change here.
 
@@ -342,12 +342,7 @@ def run_training(config_path: Path, images: Path | Sequence[Path] = (), *, split
         t0 = time.perf_counter()
         dev = device or spec.device
         if mode == "head":
-            tier.load_backbone(dev)
-            # Frozen features through the runtime that will serve them (ONNX Runtime for the
-            # EfficientNet tier on CPU: the same features to 1e-5, ~3x faster to extract).
-            start_runtime = getattr(tier, "start_runtime", None)
-            if callable(start_runtime):
-                start_runtime()
+            tier.load_for_features(dev)
         else:
             tier.load_for_training(dev)
         try:
